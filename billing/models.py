@@ -1,0 +1,1 @@
+"""Usage events and rollups for finance (filled by the billing work)."""

@@ -1,0 +1,222 @@
+"""Writes to the quota model. Admin, policy files and commands all come through here, so an
+edit behaves the same wherever it is made: validated, audited, and published on commit.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import IntegrityError, models, transaction
+
+from limits.models import (
+    AIModel,
+    ApiKey,
+    AuditEntry,
+    Budget,
+    LimitRule,
+    ModelClass,
+    PolicyVersion,
+    Tenant,
+    Tier,
+)
+
+AUDITED_MODELS: tuple[type[models.Model], ...] = (
+    Tier,
+    ModelClass,
+    AIModel,
+    Tenant,
+    LimitRule,
+    Budget,
+    ApiKey,
+)
+_IGNORED_FIELDS = {"id", "created_at", "updated_at", "last_used_at", "secret_hash"}
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change: a user (admin) or a named process (loadpolicy, a task)."""
+
+    label: str
+    user: AbstractBaseUser | None = None
+
+    @classmethod
+    def from_user(cls, user: AbstractBaseUser | AnonymousUser | None) -> Actor:
+        if user is None or not user.is_authenticated:
+            return cls(label="anonymous")
+        return cls(label=user.get_username(), user=user)  # type: ignore[arg-type]
+
+
+SYSTEM = Actor(label="system")
+
+_batch = threading.local()
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, models.Model):
+        return str(value)
+    return value
+
+
+def _snapshot(instance: models.Model) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for field in instance._meta.concrete_fields:
+        if field.name in _IGNORED_FIELDS:
+            continue
+        if field.is_relation:
+            related_id = getattr(instance, field.attname)
+            values[field.name] = (
+                str(getattr(instance, field.name)) if related_id is not None else None
+            )
+        else:
+            values[field.name] = _json_value(getattr(instance, field.attname))
+    return values
+
+
+def _parent_of(instance: models.Model) -> tuple[str, str]:
+    for attribute in ("tenant", "tier", "model_class"):
+        parent_id = getattr(instance, f"{attribute}_id", None)
+        if parent_id is not None:
+            parent_type = attribute.replace("_", "")
+            return parent_type, str(parent_id)
+    return "", ""
+
+
+def audit_record(
+    *,
+    actor: Actor,
+    action: str,
+    instance: models.Model,
+    changes: dict[str, Any],
+) -> AuditEntry:
+    parent_type, parent_id = _parent_of(instance)
+    return AuditEntry.objects.create(
+        actor=actor.user,
+        actor_label=actor.label[:150],
+        action=action,
+        target_type=instance._meta.model_name or "",
+        target_id=str(instance.pk),
+        target_repr=str(instance)[:300],
+        parent_type=parent_type,
+        parent_id=parent_id,
+        changes=changes,
+    )
+
+
+def object_save(*, instance: models.Model, actor: Actor, validate: bool = True) -> bool:
+    """Validate, save and audit one object of the quota model; publish after commit.
+
+    Returns whether anything changed. Saving an object equal to what is stored writes
+    nothing, so loading the same policy twice leaves no trace.
+    """
+    if validate:
+        instance.full_clean()
+    with transaction.atomic():
+        previous = None
+        if instance.pk is not None:
+            previous = type(instance).objects.select_for_update().filter(pk=instance.pk).first()
+        new_values = _snapshot(instance)
+        if previous is None:
+            instance.save()
+            audit_record(
+                actor=actor,
+                action=AuditEntry.Action.CREATED,
+                instance=instance,
+                changes={name: [None, value] for name, value in new_values.items()},
+            )
+        else:
+            old_values = _snapshot(previous)
+            changes = {
+                name: [old_values[name], value]
+                for name, value in new_values.items()
+                if old_values[name] != value
+            }
+            if not changes:
+                return False
+            instance.save()
+            audit_record(
+                actor=actor, action=AuditEntry.Action.CHANGED, instance=instance, changes=changes
+            )
+        policy_publish_on_commit(actor=actor, reason=f"{instance._meta.verbose_name} saved")
+    return True
+
+
+def object_delete(*, instance: models.Model, actor: Actor) -> None:
+    with transaction.atomic():
+        old_values = _snapshot(instance)
+        audit_record(
+            actor=actor,
+            action=AuditEntry.Action.DELETED,
+            instance=instance,
+            changes={name: [value, None] for name, value in old_values.items()},
+        )
+        instance.delete()
+        policy_publish_on_commit(actor=actor, reason=f"{instance._meta.verbose_name} deleted")
+
+
+@contextmanager
+def policy_batch(*, actor: Actor, reason: str) -> Iterator[None]:
+    """Group many edits into one transaction and at most one publish."""
+    depth = getattr(_batch, "depth", 0)
+    _batch.depth = depth + 1
+    try:
+        with transaction.atomic():
+            yield
+            if depth == 0:
+                _batch.depth = 0
+                policy_publish_on_commit(actor=actor, reason=reason)
+    finally:
+        _batch.depth = depth
+
+
+def policy_publish_on_commit(*, actor: Actor, reason: str) -> None:
+    if getattr(_batch, "depth", 0):
+        return
+    transaction.on_commit(lambda: policy_publish(actor=actor, reason=reason))
+
+
+def policy_publish(*, actor: Actor, reason: str, force: bool = False) -> PolicyVersion | None:
+    """Compile the whole policy and record it as a new version when it differs from the
+    latest one (or ``force``), then hand it to the enforcement layer.
+
+    Returns the new version, or None when nothing changed.
+    """
+    from limits.policy import policy_compile, policy_push
+
+    for _attempt in range(5):
+        document = policy_compile()
+        latest = PolicyVersion.objects.order_by("-version").first()
+        if latest is not None and not force and _same_policy(latest.document, document):
+            return None
+        number = (latest.version if latest else 0) + 1
+        document["version"] = number
+        try:
+            with transaction.atomic():
+                version = PolicyVersion.objects.create(
+                    version=number,
+                    created_by=actor.user,
+                    actor_label=actor.label[:150],
+                    reason=reason[:500],
+                    document=document,
+                )
+                AuditEntry.objects.filter(policy_version__isnull=True).update(policy_version=number)
+        except IntegrityError:
+            continue  # another process published the same number first; compile again
+        transaction.on_commit(functools.partial(policy_push, version=version))
+        return version
+    raise RuntimeError("could not allocate a policy version after 5 attempts")
+
+
+def _same_policy(left: dict[str, Any], right: dict[str, Any]) -> bool:
+    strip = {"version"}
+    return {k: v for k, v in left.items() if k not in strip} == {
+        k: v for k, v in right.items() if k not in strip
+    }

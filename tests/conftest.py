@@ -1,0 +1,70 @@
+"""Shared fixtures: two tenants on one tier (so every feature can also prove isolation),
+users in each group, and a Redis key prefix of each test's own."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from django.contrib.auth.models import AbstractUser
+
+from limits import engine
+from limits.models import AIModel, LimitRule, ModelClass, Tenant, Tier
+from tests.factories import (
+    AIModelFactory,
+    LimitRuleFactory,
+    ModelClassFactory,
+    TenantFactory,
+    TierFactory,
+    UserFactory,
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_quota_state(settings):
+    """A fresh Redis key namespace and empty in-process engine state for every test."""
+    settings.QUOTA_KEY_PREFIX = f"qt{uuid.uuid4().hex[:12]}"
+    engine.reset_state()
+    yield
+    engine.reset_state()
+
+
+@dataclass
+class World:
+    tier: Tier
+    frontier: ModelClass
+    small: ModelClass
+    gpt: AIModel
+    llama: AIModel
+    alice: Tenant
+    bob: Tenant
+    rule: LimitRule
+
+
+@pytest.fixture
+def world(db) -> World:
+    tier = TierFactory(name="standard")
+    frontier = ModelClassFactory(name="frontier")
+    small = ModelClassFactory(name="small")
+    gpt = AIModelFactory(model_id="gpt-4o", model_class=frontier)
+    llama = AIModelFactory(model_id="llama-3-8b", model_class=small)
+    alice = TenantFactory(slug="alice", name="Alice Labs", tier=tier)
+    bob = TenantFactory(slug="bob", name="Bob Systems", tier=tier)
+    rule = LimitRuleFactory(tier=tier, limit=100, window_seconds=3600)
+    return World(tier, frontier, small, gpt, llama, alice, bob, rule)
+
+
+@pytest.fixture
+def operator(db) -> AbstractUser:
+    return UserFactory(username="olivia", groups=["operators"])
+
+
+@pytest.fixture
+def finance_user(db) -> AbstractUser:
+    return UserFactory(username="fiona", groups=["finance"])
+
+
+@pytest.fixture
+def superuser(db) -> AbstractUser:
+    return UserFactory(username="root", is_superuser=True)
