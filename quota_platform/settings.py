@@ -54,6 +54,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves collected static files (the admin's CSS) from gunicorn, no web server needed.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -147,6 +149,12 @@ if len(BILLING_CURRENCY) != 3 or not BILLING_CURRENCY.isalpha():
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# Compressed but not hashed: a manifest would make every page fail until collectstatic ran,
+# which tests and fresh checkouts never do.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 
 LOGIN_URL = "admin:login"
 
