@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.db import models
+from django.db import IntegrityError, models
 
 from limits.identifiers import InvalidIdentifier, normalize_model_id, normalize_slug
 from limits.models import (
@@ -254,7 +254,7 @@ def _describe(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return f'text "{value}"'
-    if isinstance(value, float | Decimal):
+    if isinstance(value, int | float | Decimal):
         return f"the number {value}"
     if isinstance(value, list):
         return "a list"
@@ -263,7 +263,7 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _quoted(values: Iterable[str]) -> str:
+def _listed(values: Iterable[str]) -> str:
     return ", ".join(values)
 
 
@@ -293,7 +293,7 @@ class _Validator:
                 suggestion = f'; did you mean "{hint[0]}"?' if hint else ""
                 self.problem(
                     _at(path, str(key)),
-                    f"unknown key{suggestion} (expected {_quoted(allowed)})",
+                    f"unknown key{suggestion} (expected {_listed(allowed)})",
                 )
         for key in required:
             if value.get(key) is None:
@@ -317,6 +317,9 @@ class _Validator:
             return None
         if len(value) > max_length:
             self.problem(path, f"must be at most {max_length} characters")
+            return None
+        if any(not character.isprintable() and character not in "\n\t" for character in value):
+            self.problem(path, "must contain only printable characters, tabs and line breaks")
             return None
         return value
 
@@ -353,7 +356,7 @@ class _Validator:
     def choice(self, value: Any, path: str, *, kind: str, choices: list[str]) -> str | None:
         if not isinstance(value, str) or value not in choices:
             shown = f'"{value}"' if isinstance(value, str) else _describe(value)
-            self.problem(path, f"unknown {kind} {shown}; expected one of {_quoted(choices)}")
+            self.problem(path, f"unknown {kind} {shown}; expected one of {_listed(choices)}")
             return None
         return value
 
@@ -410,14 +413,14 @@ class _Validator:
     def document(self, data: Any) -> PolicyPlan | None:
         if not isinstance(data, dict):
             self.problems.append(
-                f"the top level must be a mapping with {_quoted(SECTIONS)}, not {_describe(data)}"
+                f"the top level must be a mapping with {_listed(SECTIONS)}, not {_describe(data)}"
             )
             return None
         for key in data:
             if key not in SECTIONS:
-                self.problem(str(key), f"unknown key (expected {_quoted(SECTIONS)})")
+                self.problem(str(key), f"unknown key (expected {_listed(SECTIONS)})")
         if not any(key in data for key in SECTIONS):
-            self.problems.append(f"the file needs at least one of {_quoted(SECTIONS)}")
+            self.problems.append(f"the file needs at least one of {_listed(SECTIONS)}")
             return None
         model_classes = self.model_classes(data.get("model_classes"))
         tiers = self.tiers(data.get("tiers"))
@@ -792,15 +795,9 @@ class LoadResult:
         return not (self.created or self.changed or self.deleted)
 
     def lines(self) -> list[str]:
-        verbs = (
-            ("would create", "would change", "would delete")
-            if self.dry_run
-            else (
-                "created",
-                "changed",
-                "deleted",
-            )
-        )
+        verbs = ("created", "changed", "deleted")
+        if self.dry_run:
+            verbs = ("would create", "would change", "would delete")
         return [
             f"{verb} {line}"
             for verb, group in zip(verbs, (self.created, self.changed, self.deleted), strict=True)
@@ -1042,6 +1039,11 @@ def policy_apply(
                 raise _Rollback
     except _Rollback:
         pass
+    except IntegrityError as error:
+        # Only a concurrent edit can get here: the file was checked against what was read.
+        raise PolicyFileError(
+            [f"the database changed while loading ({error}); nothing was changed, try again"]
+        ) from None
     if applier.problems:
         raise PolicyFileError(applier.problems)
     return applier.result

@@ -508,6 +508,14 @@ INVALID_FILES = {
         "tenants:\n  - {slug: acme, name: Acme Corp, tier: gold}\n",
         'tenants[0].tier: unknown tier "gold"',
     ),
+    "tenant name as a number": (
+        "tenants:\n  - {slug: acme, name: 42, tier: premium}\n",
+        "tenants[0].name: must be text, not the number 42",
+    ),
+    "control character in a description": (
+        'tiers:\n  - {name: free, description: "trial\\0accounts"}\n',
+        "tiers[0].description: must contain only printable characters, tabs and line breaks",
+    ),
     "missing tenant name": (
         "tenants:\n  - {slug: acme, tier: premium}\n",
         "tenants[0].name: is required",
