@@ -220,3 +220,63 @@ def _same_policy(left: dict[str, Any], right: dict[str, Any]) -> bool:
     return {k: v for k, v in left.items() if k not in strip} == {
         k: v for k, v in right.items() if k not in strip
     }
+
+
+def apikey_create(*, tenant: Tenant, name: str, actor: Actor) -> tuple[ApiKey, str]:
+    """Create a key for ``tenant``; returns it with the full key string, the only time that
+    string exists anywhere. The audit row names the key but holds neither secret nor hash."""
+    from limits.apikeys import apikey_generate, apikey_name_clean
+
+    name = apikey_name_clean(name)
+    for attempt in range(5):
+        generated = apikey_generate()
+        api_key = ApiKey(
+            tenant=tenant,
+            name=name,
+            prefix=generated.prefix,
+            secret_hash=generated.secret_hash,
+            created_by=actor.user,
+        )
+        try:
+            with transaction.atomic():
+                api_key.save(force_insert=True)
+                audit_record(
+                    actor=actor,
+                    action=AuditEntry.Action.CREATED,
+                    instance=api_key,
+                    changes={
+                        "tenant": [None, str(tenant)],
+                        "name": [None, name],
+                        "prefix": [None, api_key.prefix],
+                    },
+                )
+        except IntegrityError:
+            # 40 random bits of prefix rarely collide; when they do, draw again.
+            if attempt == 4 or not ApiKey.objects.filter(prefix=generated.prefix).exists():
+                raise
+            continue
+        return api_key, generated.key
+    raise AssertionError("unreachable")
+
+
+def apikey_revoke(*, api_key: ApiKey, actor: Actor) -> None:
+    """Revoke a key for good; revoking it again changes and records nothing."""
+    from django.utils import timezone
+
+    now = timezone.now()
+    with transaction.atomic():
+        revoked = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(
+            revoked_at=now
+        )
+        if revoked:
+            api_key.revoked_at = now
+            audit_record(
+                actor=actor,
+                action=AuditEntry.Action.REVOKED,
+                instance=api_key,
+                changes={"revoked_at": [None, now.isoformat()]},
+            )
+        else:
+            api_key.revoked_at = (
+                ApiKey.objects.filter(pk=api_key.pk).values_list("revoked_at", flat=True).first()
+            )
