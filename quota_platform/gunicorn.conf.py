@@ -1,0 +1,56 @@
+"""Gunicorn settings for the web processes: ``gunicorn -c quota_platform/gunicorn.conf.py``.
+
+Listens on 127.0.0.1:$PORT (8000 by default); behind a proxy or in a container, add
+``GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000"``. WEB_CONCURRENCY overrides the worker count.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from django.core.exceptions import ImproperlyConfigured
+
+from quota_platform.env import env_int
+
+MAX_WORKERS = 8
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use, not the machine's
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+try:
+    _port = env_int("PORT", 8000, minimum=1, maximum=65535)
+    _workers = env_int(
+        "WEB_CONCURRENCY", min(2 * _cpu_count() + 1, MAX_WORKERS), minimum=1, maximum=64
+    )
+except ImproperlyConfigured as error:
+    print(f"configuration error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+wsgi_app = "quota_platform.wsgi:application"
+bind = [f"127.0.0.1:{_port}"]
+workers = _workers
+worker_class = "sync"
+# Load Django once in the master: a bad setting stops start-up once, with one message,
+# instead of every worker failing and being restarted forever.
+preload_app = True
+
+# Checks answer in milliseconds; a request still running after 30 s is stuck.
+timeout = 30
+graceful_timeout = 30
+keepalive = 5
+# Recycle workers now and then so slow leaks in any library stay bounded.
+max_requests = 2000
+max_requests_jitter = 200
+
+# One fixed socket path per user would clash between two instances on one machine.
+control_socket_disable = True
+
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
