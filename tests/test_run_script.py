@@ -1,0 +1,149 @@
+"""The README's run command, end to end: a fresh VAR_DIR, the embedded default, a browser's
+walk through the admin login."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_SECONDS = 90
+STOP_TIMEOUT_SECONDS = 30
+# The variables that would pull the child out of the embedded default.
+SERVICE_VARIABLES = {
+    "DJANGO_SETTINGS_MODULE",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "REDIS_CLUSTER",
+    "CELERY_BROKER_URL",
+    "SECRET_KEY",
+    "API_KEY_PEPPER",
+    "DEBUG",
+    "ALLOWED_HOSTS",
+    "WEB_CONCURRENCY",
+    "GUNICORN_CMD_ARGS",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Browser:
+    """Just enough of a browser for the admin: cookies and Django's CSRF token."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.cookies = CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with self.opener.open(self.base_url + path, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def post(self, path: str, form: dict[str, str]) -> tuple[int, str]:
+        data = urllib.parse.urlencode(form).encode()
+        request = urllib.request.Request(  # noqa: S310 - a loopback http URL we built
+            self.base_url + path, data=data, headers={"Referer": self.base_url + path}
+        )
+        with self.opener.open(request, timeout=10) as response:
+            return response.status, response.read().decode()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the process group this test started, and wait for it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    else:
+        # The script is gone; make sure nothing it started outlives it.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_the_run_command_serves_the_admin_with_the_demo_data(tmp_path):
+    port = _free_port()
+    environ = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
+    environ.update({"VAR_DIR": str(tmp_path / "var"), "PORT": str(port), "WEB_CONCURRENCY": "2"})
+    log_path = tmp_path / "run.log"
+    base_url = f"http://127.0.0.1:{port}"
+    browser = Browser(base_url)
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["scripts/run"],
+            cwd=PROJECT,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        status = None
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"scripts/run exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                status, _body = browser.get("/admin/login/")
+            except OSError:
+                status = None
+            if status == 200:
+                break
+            time.sleep(0.5)
+        assert status == 200, f"no admin login page in time:\n{log_path.read_text()[-3000:]}"
+
+        output = log_path.read_text()
+        assert f"run: serving {base_url}/admin/" in output
+        password = re.search(r"^admin login: admin / (\S+)$", output, re.MULTILINE)
+        assert password is not None, output[-3000:]
+        assert re.search(r"^demo API key for tenant acme: qk_[a-z2-7]{8}_\w{38}$", output, re.M)
+
+        css_status, css = browser.get("/static/admin/css/base.css")
+        assert css_status == 200
+        assert "body" in css
+
+        _status, login_page = browser.get("/admin/login/")
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login_page)
+        assert token is not None
+        status, _body = browser.post(
+            "/admin/login/?next=/admin/",
+            {
+                "csrfmiddlewaretoken": token.group(1),
+                "username": "admin",
+                "password": password.group(1),
+                "next": "/admin/",
+            },
+        )
+        assert status == 200
+
+        status, tenants = browser.get("/admin/limits/tenant/")
+        assert status == 200
+        assert "acme" in tenants
+        assert "Log in" not in tenants
+    finally:
+        _stop(process)
+    assert process.returncode is not None
