@@ -262,7 +262,9 @@ class ServiceWritesMixin(_ModelAdmin):
 
     def _policy_batch(self, request: HttpRequest) -> Any:
         verbose_name = self.model._meta.verbose_name
-        return services.policy_batch(actor=_actor(request), reason=f"{verbose_name} in admin")
+        return services.policy_batch(
+            actor=_actor(request), reason=f"{verbose_name} edited in admin"
+        )
 
     def changeform_view(
         self,
@@ -350,7 +352,7 @@ class ServiceWritesMixin(_ModelAdmin):
         obj: models.Model | None = None,
     ) -> HttpResponse:
         if (
-            obj is not None
+            isinstance(obj, services.AUDITED_MODELS)
             and obj.pk is not None
             and request.user.has_perm("limits.view_auditentry")
         ):

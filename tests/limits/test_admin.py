@@ -376,6 +376,91 @@ def test_a_new_tier_leads_to_its_page_to_add_limits(operator_client, db):
     assert (entry.action, entry.target_type, entry.actor_label) == ("created", "tier", "olivia")
 
 
+def test_editing_a_limit_in_the_rule_list_audits_old_and_new_value(
+    operator_client, world, operator
+):
+    response = operator_client.post(
+        admin_url(LimitRule, "changelist"),
+        {
+            "form-TOTAL_FORMS": "1",
+            "form-INITIAL_FORMS": "1",
+            "form-0-id": str(world.rule.pk),
+            "form-0-limit": "120",
+            "_save": "Save",
+        },
+    )
+
+    assert response.status_code == 302
+    world.rule.refresh_from_db()
+    assert world.rule.limit == 120
+    entry = AuditEntry.objects.get()
+    assert (entry.changes, entry.actor) == ({"limit": [100, 120]}, operator)
+
+
+def test_a_zero_limit_in_the_rule_list_is_refused_in_plain_words(operator_client, world):
+    response = operator_client.post(
+        admin_url(LimitRule, "changelist"),
+        {
+            "form-TOTAL_FORMS": "1",
+            "form-INITIAL_FORMS": "1",
+            "form-0-id": str(world.rule.pk),
+            "form-0-limit": "0",
+            "_save": "Save",
+        },
+    )
+
+    assert response.status_code == 200
+    assertContains(response, "The limit must be at least 1.")
+    world.rule.refresh_from_db()
+    assert world.rule.limit == 100
+    assert AuditEntry.objects.count() == 0
+
+
+def test_a_new_tenant_with_a_budget_is_created_and_leads_to_its_page(operator_client, world):
+    add_url = admin_url(Tenant, "add")
+    data = form_data(operator_client.get(add_url))
+    assert "limits-TOTAL_FORMS" not in data
+    data.update(
+        {
+            "slug": "Carol",
+            "name": "Carol Inc",
+            "tier": world.tier.pk,
+            "is_active": "on",
+            "budgets-TOTAL_FORMS": "1",
+            "budgets-0-period": "month",
+            "budgets-0-token_limit": "20000000",
+            "budgets-0-cost_limit": "800.00",
+            "budgets-0-is_hard": "on",
+            "budgets-0-alert_thresholds": "[100, 80]",
+            "_save": "Save",
+        }
+    )
+
+    response = operator_client.post(add_url, data)
+
+    carol = Tenant.objects.get(slug="carol")
+    assert response["Location"] == admin_url(Tenant, "change", carol.pk)
+    budget = Budget.objects.get(tenant=carol)
+    assert (budget.token_limit, str(budget.cost_limit), budget.alert_thresholds) == (
+        20_000_000,
+        "800.0000",
+        [80, 100],
+    )
+    assert sorted(AuditEntry.objects.values_list("target_type", "action")) == [
+        ("budget", "created"),
+        ("tenant", "created"),
+    ]
+
+
+def test_the_tier_list_counts_tenants_and_links_to_them(operator_client, world):
+    response = operator_client.get(admin_url(Tier, "changelist"))
+
+    tenants_url = admin_url(Tenant, "changelist") + f"?tier__id__exact={world.tier.pk}"
+    assertContains(response, f'<a href="{tenants_url}">2</a>', html=True)
+    tenants = operator_client.get(tenants_url)
+    assert [tenant.slug for tenant in tenants.context["cl"].result_list] == ["alice", "bob"]
+
+
 def test_deleting_a_tenant_audits_its_overrides_budgets_and_keys(operator_client, world, operator):
     override = LimitRuleFactory(tier=None, tenant=world.alice, limit=500)
     BudgetFactory(tenant=world.alice)
