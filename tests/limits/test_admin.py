@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from django import forms
 from django.contrib import admin
+from django.contrib.admin.models import LogEntry
 from django.contrib.sessions.models import Session
 from django.db import connection, models
 from django.test.utils import CaptureQueriesContext
@@ -602,6 +603,8 @@ def test_creating_a_key_shows_it_once_and_never_again(operator_client, world, op
     )
     for session in Session.objects.all():
         assert secret not in str(session.get_decoded())
+    for log_entry in LogEntry.objects.all():
+        assert secret not in f"{log_entry.object_repr} {log_entry.change_message}"
     entry = AuditEntry.objects.get(target_type="apikey")
     assert (entry.action, entry.actor) == ("created", operator)
 
