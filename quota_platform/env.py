@@ -111,7 +111,8 @@ def database_from_url(url: str, name: str = "DATABASE_URL") -> dict[str, object]
     """Translate a postgres:// or sqlite:/// URL into a Django DATABASES entry."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
-        path = parts.path[1:] if parts.path.startswith("//") else parts.path
+        # sqlite:///relative/file and sqlite:////absolute/file, as dj-database-url reads them.
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path or path == "/":
             raise ImproperlyConfigured(f"{name} names no SQLite file")
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": path}

@@ -253,6 +253,13 @@ def test_database_from_url_reads_every_part_of_a_postgres_url():
     }
 
 
+def test_database_from_url_reads_a_relative_sqlite_path():
+    assert database_from_url("sqlite:///var/quota.sqlite3") == {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": "var/quota.sqlite3",
+    }
+
+
 def test_database_from_url_reads_an_absolute_sqlite_path():
     assert database_from_url("sqlite:////srv/quota.sqlite3") == {
         "ENGINE": "django.db.backends.sqlite3",
