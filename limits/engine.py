@@ -1,40 +1,611 @@
-"""Decisions: every applicable limit checked and consumed together (filled in by the engine
-work). For now it only holds the policy store that publishing writes to.
+"""Decisions: every limit that applies to a check, decided and consumed together.
+
+``check`` turns (tenant, user, model, tokens) into a plan (the tenant's effective rules
+for the model's class, global capacity of that class, hard budgets), then asks the backend
+once: Redis runs ``lua/check.lua`` in one EVALSHA, the in-process backend runs its twin.
+All or nothing: a denied check consumes nothing anywhere. ``commit`` replaces the estimate
+by what the inference really used; ``quota`` reads without consuming; ``reset`` clears one
+end user's windows.
+
+Keys (all under ``QUOTA_KEY_PREFIX``), hash-tagged by tenant so that a tenant's keys share
+one Redis Cluster slot:
+
+    {t:<tenant>}:w:<metric>:<window>:<scope>:<class|*>:<subject>   request / token window
+    {t:<tenant>}:w:tokens:…:sum                                     running token sum
+    {t:<tenant>}:c:<scope>:<class|*>:<subject>                      concurrency leases
+    {t:<tenant>}:b:<budget>:<k|m>                                   budget (tokens, money)
+    {t:<tenant>}:req:<request id>                                   first decision, for
+                                                                    idempotency and commit
+    {t:<tenant>}:events / :denied / :shadow                         usage stream, counters
+    {g:<class>}:w:…:all                                             global capacity
+
+with subject ``u:<user>:m:<model>``, ``u:<user>``, ``m:<model>`` or ``all``. A user or
+model id made only of ``[A-Za-z0-9._@+-]`` (at most 64) is used as is; any other is
+replaced by a hash, so no caller-sent text can forge another key's name. Global capacity
+is tagged by its class, not by tenant: on one Redis it is part of the same script call; on
+a cluster it lives in its own slot (see docs/operations.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import threading
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 
-class PolicyStore:
-    """The current policy document of this process."""
+from limits import metrics
+from limits.backends import (
+    NEVER,
+    BackendUnavailable,
+    CheckCall,
+    CommitCall,
+    LimitCall,
+    LocalBackend,
+    RawCheck,
+    RedisBackend,
+    sum_key,
+)
+from limits.policystore import Policy, PolicyStore
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.version = 0
-        self.document: dict[str, Any] = {}
-
-    def publish(self, version: int, document: dict[str, Any]) -> None:
-        with self._lock:
-            if version >= self.version:
-                self.version = version
-                self.document = json.loads(json.dumps(document))
+NANO = Decimal(10) ** 9
+MICRO = Decimal(10) ** 6
+SAFE_ID = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
+SUBJECT_SCOPES = {"user_model", "user", "tenant_model", "tenant", "global"}
 
 
-_store: PolicyStore | None = None
+class UnknownModel(LookupError):
+    """The model id is not in the published policy (nothing is counted for it)."""
+
+
+class UnknownTenant(LookupError):
+    """The tenant is not in the published policy, or is inactive."""
+
+
+class EngineUnavailable(RuntimeError):
+    """A commit could not reach the store that holds its request."""
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """Where one limit stands after a decision."""
+
+    scope: str  # user_model, user, tenant_model, tenant, global, or budget
+    metric: str  # requests, tokens, concurrency, or cost (budgets)
+    window: int | str | None  # seconds; "day"/"month" for budgets; None for concurrency
+    limit: int | Decimal
+    remaining: int | Decimal
+    reset: float  # seconds until the oldest counted use leaves (period end for budgets)
+    model_class: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    request_id: str
+    policy_version: int
+    denied_by: LimitState | None
+    retry_after: float | None  # seconds; None when allowed, or when it can never pass
+    limits: tuple[LimitState, ...]
+    degraded: bool = False  # answered by a fail mode, not by the shared counters
+    repeated: bool = False  # the first decision for this request id, returned again
+    shadow_denied: tuple[LimitState, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settlement:
+    request_id: str
+    input_tokens: int
+    output_tokens: int
+    status: str
+    repeated: bool  # settled before: the first report stands
+
+
+@dataclass(frozen=True)
+class PlannedLimit:
+    kind: str
+    limit: int
+    span: str
+    shadow: bool
+    label: str
+    key_head: str
+    key_tail: str
+    per_user: bool
+    state: LimitState  # the public description; remaining and reset filled per decision
+
+
+@dataclass(frozen=True)
+class Plan:
+    tenant_id: int
+    model_id: str
+    model_class: str
+    tier: str
+    fail_mode: str
+    version: int
+    tag: str
+    limits: tuple[PlannedLimit, ...]
+    estimate_price: int  # µ-units per token: the dearer of input and output
+    input_price: int
+    output_price: int
+    record_ttl_ms: int
+
+
+def _id_part(value: str) -> str:
+    if SAFE_ID.fullmatch(value):
+        return value
+    return "h" + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
+
+
+def tenant_tag(tenant_id: int) -> str:
+    return f"{settings.QUOTA_KEY_PREFIX}:{{t:{tenant_id}}}"
+
+
+def _micro(price: str) -> int:
+    return int(Decimal(price) * MICRO)
+
+
+def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
+    plan = policy.plans.get((tenant_id, model_id))
+    if plan is not None:
+        return plan
+    tenant = policy.tenants.get(str(tenant_id))
+    model = policy.models.get(model_id)
+    if tenant is None or model is None:
+        return None
+    model_class = model["class"]
+    tag = tenant_tag(tenant_id)
+    model_part = _id_part(model_id)
+    limits: list[PlannedLimit] = []
+    longest = 0
+    for rule in tenant["rules"]:
+        if rule["class"] not in (None, model_class):
+            continue
+        scope, metric, window = rule["scope"], rule["metric"], rule["window"]
+        class_part = rule["class"] or "*"
+        if scope == "global":
+            head = f"{settings.QUOTA_KEY_PREFIX}:{{g:{_id_part(model_class)}}}"
+        else:
+            head = tag
+        if metric == "concurrency":
+            kind = "c"
+            span = str(settings.QUOTA_CONCURRENCY_LEASE_SECONDS * 1_000_000)
+            head += f":c:{scope}:{class_part}:"
+        else:
+            kind = "r" if metric == "requests" else "t"
+            span = str(window * 1_000_000)
+            head += f":w:{metric}:{window}:{scope}:{class_part}:"
+            longest = max(longest, window)
+        per_user = scope in ("user_model", "user")
+        if scope == "user_model":
+            head, tail = head + "u:", f":m:{model_part}"
+        elif scope == "user":
+            head, tail = head + "u:", ""
+        elif scope == "tenant_model":
+            head, tail = head + f"m:{model_part}", ""
+        else:
+            head, tail = head + "all", ""
+        limits.append(
+            PlannedLimit(
+                kind=kind,
+                limit=rule["limit"],
+                span=span,
+                shadow=rule["shadow"],
+                label=f"rule:{rule['id']}",
+                key_head=head,
+                key_tail=tail,
+                per_user=per_user,
+                state=LimitState(scope, metric, window, rule["limit"], 0, 0.0, rule["class"]),
+            )
+        )
+    for budget in tenant["budgets"]:
+        if not budget["hard"]:
+            continue
+        period = budget["period"]
+        span = "d" if period == "day" else "m"
+        if budget["tokens"] is not None:
+            limits.append(
+                PlannedLimit(
+                    kind="k",
+                    limit=budget["tokens"],
+                    span=span,
+                    shadow=False,
+                    label=f"budget:{budget['id']}:tokens",
+                    key_head=f"{tag}:b:{budget['id']}:k",
+                    key_tail="",
+                    per_user=False,
+                    state=LimitState("budget", "tokens", period, budget["tokens"], 0, 0.0),
+                )
+            )
+        if budget["cost"] is not None:
+            cost = Decimal(budget["cost"])
+            limits.append(
+                PlannedLimit(
+                    kind="m",
+                    limit=int(cost * NANO),
+                    span=span,
+                    shadow=False,
+                    label=f"budget:{budget['id']}:cost",
+                    key_head=f"{tag}:b:{budget['id']}:m",
+                    key_tail="",
+                    per_user=False,
+                    state=LimitState("budget", "cost", period, cost, Decimal(0), 0.0),
+                )
+            )
+    input_price = _micro(model["input_price_per_1k"])
+    output_price = _micro(model["output_price_per_1k"])
+    record_seconds = max(longest, settings.QUOTA_REQUEST_RECORD_MIN_SECONDS)
+    plan = Plan(
+        tenant_id=tenant_id,
+        model_id=model_id,
+        model_class=model_class,
+        tier=tenant["tier"],
+        fail_mode=tenant["fail_mode"] if tenant["active"] else "closed",
+        version=policy.version,
+        tag=tag,
+        limits=tuple(limits),
+        estimate_price=max(input_price, output_price),
+        input_price=input_price,
+        output_price=output_price,
+        record_ttl_ms=record_seconds * 1000,
+    )
+    policy.plans[(tenant_id, model_id)] = plan
+    return plan
+
+
+# -- process state ---------------------------------------------------------------------
+_lock = threading.RLock()
+_state: dict[str, Any] = {}
 
 
 def policy_store() -> PolicyStore:
-    global _store
-    if _store is None:
-        _store = PolicyStore()
-    return _store
+    store = _state.get("store")
+    if store is None:
+        with _lock:
+            store = _state.get("store")
+            if store is None:
+                store = _state["store"] = PolicyStore()
+    return store
+
+
+def backend() -> RedisBackend | LocalBackend:
+    """The backend of this process: Redis when configured, else the in-process one."""
+    key = f"backend:{os.getpid()}"
+    found = _state.get(key)
+    if found is None:
+        with _lock:
+            found = _state.get(key)
+            if found is None:
+                if settings.QUOTA_BACKEND == "redis":
+                    found = RedisBackend(settings.REDIS_URL)
+                else:
+                    found = local_backend()
+                _state[key] = found
+    return found
+
+
+def local_backend() -> LocalBackend:
+    found = _state.get("local")
+    if found is None:
+        with _lock:
+            found = _state.get("local")
+            if found is None:
+                found = _state["local"] = LocalBackend()
+    return found
 
 
 def reset_state() -> None:
-    """Forget everything this process holds (tests, and after settings change)."""
-    global _store
-    _store = None
+    """Forget every policy, connection and in-process count (tests; settings changed)."""
+    with _lock:
+        store = _state.pop("store", None)
+        for value in list(_state.values()):
+            if isinstance(value, RedisBackend):
+                value.client.close()
+        _state.clear()
+    if store is not None:
+        store.stop()
+
+
+# -- checks ----------------------------------------------------------------------------
+def check(
+    tenant_id: int,
+    user_id: str,
+    model: str,
+    tokens: int = 0,
+    request_id: str | None = None,
+    dry_run: bool = False,
+    *,
+    api_key_id: int | None = None,
+    fail_mode: str | None = None,
+) -> Decision:
+    """Decide one check, consuming every applicable limit or none.
+
+    ``fail_mode`` is what to do when this process holds no policy for the tenant yet (its
+    tier's mode, known to the caller from the API key); without it such a check is denied.
+    """
+    started = time.perf_counter()
+    request_id = request_id or uuid.uuid4().hex
+    policy = policy_store().current()
+    tenant = policy.tenants.get(str(tenant_id))
+    if tenant is None:
+        if policy.version and fail_mode is None:
+            raise UnknownTenant(tenant_id)
+        # Not published here yet (or nothing is): not unlimited, the tier's fail mode.
+        return _without_policy(request_id, policy.version, fail_mode or "closed")
+    if not tenant["active"]:
+        raise UnknownTenant(tenant_id)
+    plan = _plan(policy, tenant_id, model)
+    if plan is None:
+        raise UnknownModel(model)
+    call = _check_call(plan, user_id, tokens, request_id, "dry" if dry_run else "check", api_key_id)
+    decision = _decide(plan, call)
+    metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
+    metrics.DECISIONS.labels(
+        plan.tier, plan.model_class, "allowed" if decision.allowed else "denied"
+    ).inc()
+    if decision.shadow_denied and not decision.repeated:
+        metrics.SHADOW_DENIED.labels(plan.tier, plan.model_class).inc()
+    return decision
+
+
+def quota(tenant_id: int, user_id: str, model: str) -> Decision:
+    """Where the user stands on every limit of this model, consuming nothing."""
+    policy = policy_store().current()
+    tenant = policy.tenants.get(str(tenant_id))
+    if tenant is None or not tenant["active"]:
+        raise UnknownTenant(tenant_id)
+    plan = _plan(policy, tenant_id, model)
+    if plan is None:
+        raise UnknownModel(model)
+    return _decide(plan, _check_call(plan, user_id, 0, "", "peek", None))
+
+
+def _check_call(
+    plan: Plan, user_id: str, tokens: int, request_id: str, mode: str, api_key_id: int | None
+) -> CheckCall:
+    user_part = _id_part(user_id)
+    cost = tokens * plan.estimate_price
+    calls = []
+    for item in plan.limits:
+        kind = item.kind
+        weight = tokens if kind in ("t", "k") else cost if kind == "m" else 1
+        key = item.key_head + user_part + item.key_tail if item.per_user else item.key_head
+        calls.append(LimitCall(kind, item.limit, item.span, weight, item.shadow, item.label, key))
+    event = ""
+    extra = ""
+    if mode == "check":
+        event = json.dumps(
+            {
+                "request_id": request_id,
+                "tenant": plan.tenant_id,
+                "key": api_key_id,
+                "user": user_id,
+                "model": plan.model_id,
+                "tokens": tokens,
+                "version": plan.version,
+            },
+            separators=(",", ":"),
+        )
+        extra = json.dumps(
+            {
+                "user": user_id,
+                "model": plan.model_id,
+                "key": api_key_id,
+                "input_price": plan.input_price,
+                "output_price": plan.output_price,
+            },
+            separators=(",", ":"),
+        )
+    return CheckCall(
+        record_key=f"{plan.tag}:req:{request_id}",
+        stream_key=f"{plan.tag}:events",
+        denied_key=f"{plan.tag}:denied",
+        shadow_key=f"{plan.tag}:shadow",
+        request_id=request_id,
+        mode=mode,
+        record_ttl_ms=plan.record_ttl_ms,
+        event=event,
+        denied_label=plan.model_id,
+        extra=extra,
+        limits=tuple(calls),
+    )
+
+
+def _decide(plan: Plan, call: CheckCall) -> Decision:
+    chosen = backend()
+    try:
+        raw = chosen.check(call)
+    except BackendUnavailable:
+        return _fail(plan, call)
+    return _decision(plan, call, raw, degraded=False)
+
+
+def _fail(plan: Plan, call: CheckCall) -> Decision:
+    mode = plan.fail_mode
+    metrics.DEGRADED.labels(mode).inc()
+    if mode == "local":
+        return _decision(plan, call, local_backend().check(call), degraded=True)
+    return Decision(
+        allowed=mode == "open",
+        request_id=call.request_id,
+        policy_version=plan.version,
+        denied_by=None,
+        retry_after=None if mode == "open" else float(settings.QUOTA_BREAKER_SECONDS),
+        limits=(),
+        degraded=True,
+    )
+
+
+def _without_policy(request_id: str, version: int, mode: str) -> Decision:
+    metrics.DEGRADED.labels(mode).inc()
+    allowed = mode == "open"
+    return Decision(
+        allowed=allowed,
+        request_id=request_id,
+        policy_version=version,
+        denied_by=None,
+        retry_after=None if allowed else float(settings.QUOTA_POLICY_REFRESH_SECONDS),
+        limits=(),
+        degraded=True,
+    )
+
+
+def _state_of(item: PlannedLimit, used: int, reset_us: int) -> LimitState:
+    remaining = max(0, item.limit - used)
+    public = item.state
+    if item.kind == "m":
+        return LimitState(
+            public.scope,
+            public.metric,
+            public.window,
+            public.limit,
+            Decimal(remaining) / NANO,
+            reset_us / 1_000_000,
+        )
+    return LimitState(
+        public.scope,
+        public.metric,
+        public.window,
+        public.limit,
+        remaining,
+        reset_us / 1_000_000,
+        public.model_class,
+    )
+
+
+def _decision(plan: Plan, call: CheckCall, raw: RawCheck, *, degraded: bool) -> Decision:
+    states: list[LimitState] = []
+    shadow: list[LimitState] = []
+    denied_by = None
+    shadow_indexes = set(raw.shadow_denied)
+    for index, (item, used, reset) in enumerate(
+        zip(plan.limits, raw.used, raw.reset, strict=False), start=1
+    ):
+        state = _state_of(item, used, reset)
+        if item.shadow:
+            if index in shadow_indexes:
+                shadow.append(state)
+            continue
+        states.append(state)
+        if index == raw.denied_index:
+            denied_by = state
+    allowed = raw.status == 1
+    retry_after = None
+    if not allowed and raw.retry != NEVER and raw.retry >= 0:
+        retry_after = raw.retry / 1_000_000
+    return Decision(
+        allowed=allowed,
+        request_id=call.request_id,
+        policy_version=plan.version,
+        denied_by=denied_by,
+        retry_after=retry_after,
+        limits=tuple(states),
+        degraded=degraded,
+        repeated=raw.repeated,
+        shadow_denied=tuple(shadow),
+    )
+
+
+# -- settling --------------------------------------------------------------------------
+def commit(
+    tenant_id: int,
+    request_id: str,
+    input_tokens: int,
+    output_tokens: int,
+    status: str = "ok",
+) -> Settlement | None:
+    """Replace a check's estimate by what it used; None for an unknown request id.
+
+    Idempotent: the first report stands, a repeat changes nothing and says so.
+    """
+    tag = tenant_tag(tenant_id)
+    record_key = f"{tag}:req:{request_id}"
+    stores: list[RedisBackend | LocalBackend] = [backend()]
+    if not isinstance(stores[0], LocalBackend):
+        stores.append(local_backend())  # decided there while Redis was away
+    unavailable = False
+    for store in stores:
+        try:
+            stored = store.stored_request(record_key)
+        except BackendUnavailable:
+            unavailable = True
+            continue
+        if stored is None:
+            continue
+        if stored.settled is not None:
+            return _settlement(request_id, stored.settled, repeated=True)
+        extra = json.loads(stored.extra or "{}")
+        cost = input_tokens * extra.get("input_price", 0) + output_tokens * extra.get(
+            "output_price", 0
+        )
+        summary = f"{input_tokens};{output_tokens};{status}"
+        event = json.dumps(
+            {
+                "request_id": request_id,
+                "tenant": tenant_id,
+                "key": extra.get("key"),
+                "user": extra.get("user"),
+                "model": extra.get("model"),
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "status": status,
+            },
+            separators=(",", ":"),
+        )
+        call = CommitCall(
+            record_key=record_key,
+            stream_key=f"{tag}:events",
+            request_id=request_id,
+            tokens=input_tokens + output_tokens,
+            cost=cost,
+            summary=summary,
+            event=event,
+        )
+        try:
+            outcome, settled = store.commit(call, stored)
+        except BackendUnavailable:
+            unavailable = True
+            continue
+        if outcome == -1:
+            continue
+        return _settlement(request_id, settled, repeated=outcome == 0)
+    if unavailable:
+        raise EngineUnavailable("the limiter's store is unreachable; report the usage again")
+    return None
+
+
+def _settlement(request_id: str, summary: str, *, repeated: bool) -> Settlement:
+    input_tokens, output_tokens, status = summary.split(";")
+    return Settlement(request_id, int(input_tokens), int(output_tokens), status, repeated)
+
+
+def reset(tenant_id: int, user_id: str, model: str | None = None) -> int:
+    """Clear one end user's windows and leases (all models, or one); returns keys removed."""
+    policy = policy_store().current()
+    models = [model] if model is not None else list(policy.models)
+    user_part = _id_part(user_id)
+    keys: set[str] = set()
+    for model_id in models:
+        plan = _plan(policy, tenant_id, model_id)
+        if plan is None:
+            continue
+        for item in plan.limits:
+            if item.per_user:
+                key = item.key_head + user_part + item.key_tail
+                keys.add(key)
+                if item.kind == "t":
+                    keys.add(sum_key(key))
+    ordered = sorted(keys)
+    removed = 0
+    for store in {id(backend()): backend(), id(local_backend()): local_backend()}.values():
+        try:
+            removed += store.delete(ordered)
+        except BackendUnavailable:
+            raise EngineUnavailable("the limiter's store is unreachable; try again") from None
+    return removed

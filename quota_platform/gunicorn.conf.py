@@ -34,8 +34,15 @@ except ImproperlyConfigured as error:
 
 wsgi_app = "quota_platform.wsgi:application"
 bind = [f"127.0.0.1:{_port}"]
-workers = _workers
-worker_class = "sync"
+if os.environ.get("REDIS_URL"):
+    workers = _workers
+    worker_class = "sync"
+else:
+    # The embedded default counts in this process: one process, many threads, so every
+    # request sees the same counters and the policy this process published.
+    workers = 1
+    worker_class = "gthread"
+    threads = _workers * 4
 # Load Django once in the master: a bad setting stops start-up once, with one message,
 # instead of every worker failing and being restarted forever.
 preload_app = True

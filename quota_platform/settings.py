@@ -121,6 +121,15 @@ QUOTA_REDIS_TIMEOUT_MS = env_int("QUOTA_REDIS_TIMEOUT_MS", 50, minimum=1)
 QUOTA_BREAKER_SECONDS = env_float("QUOTA_BREAKER_SECONDS", 1.0, minimum=0.0)
 # How often a process asks Redis whether a newer policy was published.
 QUOTA_POLICY_REFRESH_SECONDS = env_float("QUOTA_POLICY_REFRESH_SECONDS", 0.5, minimum=0.0)
+# A concurrency slot that is never reported back frees itself after this long.
+QUOTA_CONCURRENCY_LEASE_SECONDS = env_int(
+    "QUOTA_CONCURRENCY_LEASE_SECONDS", 600, minimum=1, maximum=86400
+)
+# A check's first decision is remembered (idempotency, and to settle its usage) for its
+# longest window, and at least this long.
+QUOTA_REQUEST_RECORD_MIN_SECONDS = env_int(
+    "QUOTA_REQUEST_RECORD_MIN_SECONDS", 3600, minimum=60, maximum=31 * 86400
+)
 # How long a verified API key stays cached in-process; a revoked key dies within this.
 QUOTA_API_KEY_CACHE_SECONDS = env_float("QUOTA_API_KEY_CACHE_SECONDS", 5.0, minimum=0.0)
 

@@ -1,0 +1,562 @@
+"""Where limits are counted: Redis (the deployment) or this process (the embedded default,
+and the `local` fail mode).
+
+Both backends take the same calls and give the same answers: the Redis one runs
+`lua/check.lua` and `lua/commit.lua` by SHA, the local one is their line-by-line twin in
+Python under one lock. The engine above them decides what to ask; this module only counts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+DAY_US = 86_400_000_000
+NEVER = -2  # retry value: this request can never pass (it alone exceeds the limit)
+
+
+class BackendUnavailable(Exception):
+    """Redis did not answer in time (or at all); the tier's fail mode decides."""
+
+
+@dataclass(frozen=True)
+class LimitCall:
+    """One limit as the scripts see it."""
+
+    kind: str  # "r" requests, "t" tokens, "c" concurrency, "k" token budget, "m" money budget
+    limit: int
+    span: str  # window or lease in µs, or the budget period "d" / "m"
+    weight: int
+    shadow: bool
+    label: str
+    key: str
+
+
+@dataclass(frozen=True)
+class CheckCall:
+    record_key: str
+    stream_key: str
+    denied_key: str
+    shadow_key: str
+    request_id: str
+    mode: str  # "check", "dry" (decide only) or "peek" (read only)
+    record_ttl_ms: int
+    event: str
+    denied_label: str
+    extra: str  # remembered with the decision, for the commit
+    limits: tuple[LimitCall, ...]
+
+
+@dataclass(frozen=True)
+class RawCheck:
+    status: int  # 1 allowed, 0 denied
+    now: int  # µs
+    denied_index: int  # 1-based, 0 when none
+    retry: int  # µs; -1 none, NEVER
+    used: tuple[int, ...]
+    reset: tuple[int, ...]
+    shadow_denied: tuple[int, ...]  # 1-based indexes
+    repeated: bool = False
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    consumed: str
+    extra: str
+    settled: str | None
+
+
+@dataclass(frozen=True)
+class CommitCall:
+    record_key: str
+    stream_key: str
+    request_id: str
+    tokens: int
+    cost: int
+    summary: str
+    event: str
+
+
+def sum_key(window_key: str) -> str:
+    return window_key + ":sum"
+
+
+def consumed_keys(consumed: str) -> list[str]:
+    """The keys a commit touches, in the order commit.lua reads them."""
+    keys: list[str] = []
+    for line in consumed.split("\n"):
+        if not line:
+            continue
+        fields = line.split("\t")
+        keys.append(fields[1])
+        if fields[0] == "t":
+            keys.append(fields[2])
+    return keys
+
+
+def test_clock_us() -> int | None:
+    """Time injected by tests through a setting that production never sets."""
+    value = getattr(settings, "QUOTA_TEST_NOW_US", None)
+    return None if value is None else int(value)
+
+
+def _parse_check(reply: list[Any]) -> RawCheck:
+    if int(reply[0]) == 2:
+        values = str(reply[1]).split(";")
+        return _parse_values(values, repeated=True)
+    return _parse_values(reply, repeated=False)
+
+
+def _parse_values(values: list[Any], *, repeated: bool) -> RawCheck:
+    pairs = [int(v) for v in values[4:-1]]
+    mask = str(values[-1])
+    return RawCheck(
+        status=int(values[0]),
+        now=int(values[1]),
+        denied_index=int(values[2]),
+        retry=int(values[3]),
+        used=tuple(pairs[0::2]),
+        reset=tuple(pairs[1::2]),
+        shadow_denied=tuple(int(i) for i in mask.split(",") if i),
+        repeated=repeated,
+    )
+
+
+class RedisBackend:
+    """Counts in Redis: one EVALSHA per check, behind a circuit breaker."""
+
+    def __init__(self, url: str) -> None:
+        timeout = settings.QUOTA_REDIS_TIMEOUT_MS / 1000
+        # A dead pooled connection (Redis restarted) is retried once at once; a timeout is
+        # not, so an outage costs one timeout, not several.
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            decode_responses=True,
+        )
+        self._check = self.client.register_script((LUA_DIR / "check.lua").read_text())
+        self._commit = self.client.register_script((LUA_DIR / "commit.lua").read_text())
+        self._open_until = 0.0
+        self._probe = threading.Lock()
+
+    # -- breaker ---------------------------------------------------------------------
+    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        probing = False
+        if self._open_until:
+            if time.monotonic() < self._open_until or not self._probe.acquire(blocking=False):
+                raise BackendUnavailable("circuit open")
+            probing = True
+        try:
+            result = function(*args, **kwargs)
+        except redis.RedisError as error:
+            from limits import metrics
+
+            metrics.REDIS_ERRORS.labels(error=type(error).__name__).inc()
+            if isinstance(error, redis.ResponseError) and not str(error).startswith(
+                ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN")
+            ):
+                logger.error("redis refused a limiter call: %s", error)
+            self._open_until = time.monotonic() + settings.QUOTA_BREAKER_SECONDS
+            raise BackendUnavailable(str(error)) from error
+        else:
+            if probing:
+                self._open_until = 0.0
+            return result
+        finally:
+            if probing:
+                self._probe.release()
+
+    @property
+    def circuit_open(self) -> bool:
+        return bool(self._open_until)
+
+    # -- calls -----------------------------------------------------------------------
+    def check(self, call: CheckCall) -> RawCheck:
+        keys = [call.record_key, call.stream_key, call.denied_key, call.shadow_key]
+        args: list[Any] = [
+            _clock_arg(),
+            call.request_id,
+            call.mode,
+            call.record_ttl_ms,
+            call.event,
+            call.denied_label,
+            call.extra,
+            len(call.limits),
+        ]
+        for item in call.limits:
+            keys.append(item.key)
+            if item.kind == "t":
+                keys.append(sum_key(item.key))
+            args += [item.kind, item.limit, item.span, item.weight, int(item.shadow), item.label]
+        return _parse_check(self._call(self._check, keys=keys, args=args))
+
+    def stored_request(self, record_key: str) -> StoredRequest | None:
+        consumed, extra, decision, settled = self._call(
+            self.client.hmget, record_key, "c", "x", "d", "s"
+        )
+        if decision is None or not str(decision).startswith("1;"):
+            return None
+        return StoredRequest(consumed=consumed or "", extra=extra or "", settled=settled)
+
+    def commit(self, call: CommitCall, stored: StoredRequest) -> tuple[int, str]:
+        keys = [call.record_key, call.stream_key, *consumed_keys(stored.consumed)]
+        args = [_clock_arg(), call.request_id, call.tokens, call.cost, call.summary, call.event]
+        reply = self._call(self._commit, keys=keys, args=args)
+        return int(reply[0]), (str(reply[1]) if len(reply) > 1 else "")
+
+    def delete(self, keys: list[str]) -> int:
+        return int(self._call(self.client.unlink, *keys)) if keys else 0
+
+
+def _clock_arg() -> str:
+    now = test_clock_us()
+    return "" if now is None else str(now)
+
+
+# -- the in-process twin ---------------------------------------------------------------
+class _SortedSet:
+    """The part of a Redis sorted set the scripts use: members ordered by score."""
+
+    __slots__ = ("items", "scores")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, str]] = []
+        self.scores: dict[str, int] = {}
+
+    def add(self, score: int, member: str) -> None:
+        self.remove(member)
+        bisect.insort(self.items, (score, member))
+        self.scores[member] = score
+
+    def remove(self, member: str) -> int:
+        score = self.scores.pop(member, None)
+        if score is None:
+            return 0
+        index = bisect.bisect_left(self.items, (score, member))
+        del self.items[index]
+        return 1
+
+    def pop_through(self, score: int) -> list[tuple[int, str]]:
+        """Remove and return every member scored at or below ``score``."""
+        index = bisect.bisect_right(self.items, (score, "\U0010ffff"))
+        gone = self.items[:index]
+        del self.items[:index]
+        for _, member in gone:
+            del self.scores[member]
+        return gone
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class LocalBackend:
+    """The scripts' semantics in this process, for one process's traffic."""
+
+    SWEEP_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: dict[str, Any] = {}
+        self._expires: dict[str, int] = {}
+        self._calls = 0
+        self.events: list[dict[str, str]] = []
+        self.circuit_open = False
+
+    # -- keyspace ------------------------------------------------------------------
+    def _get(self, key: str, now: int) -> Any:
+        expires = self._expires.get(key)
+        if expires is not None and expires <= now:
+            self._data.pop(key, None)
+            del self._expires[key]
+            return None
+        return self._data.get(key)
+
+    def _expire(self, key: str, now: int, ttl_ms: int) -> None:
+        if key in self._data:
+            self._expires[key] = now + ttl_ms * 1000
+
+    def _sweep(self, now: int) -> None:
+        for key in [key for key, at in self._expires.items() if at <= now]:
+            self._data.pop(key, None)
+            del self._expires[key]
+
+    def _zset(self, key: str, now: int) -> _SortedSet | None:
+        value = self._get(key, now)
+        return value if isinstance(value, _SortedSet) else None
+
+    def _now(self) -> int:
+        now = test_clock_us()
+        return time.time_ns() // 1000 if now is None else now
+
+    # -- calls ---------------------------------------------------------------------
+    def check(self, call: CheckCall) -> RawCheck:
+        with self._lock:
+            now = self._now()
+            self._calls += 1
+            if self._calls % self.SWEEP_EVERY == 0:
+                self._sweep(now)
+            return self._check(call, now)
+
+    def _check(self, call: CheckCall, now: int) -> RawCheck:
+        if call.mode == "check":
+            record = self._get(call.record_key, now)
+            if record is not None:
+                return _parse_values(record["d"].split(";"), repeated=True)
+
+        allowed = True
+        denied_index, retry = 0, -1
+        shadow_denied: list[int] = []
+        states: list[dict[str, Any]] = []
+        for index, item in enumerate(call.limits, start=1):
+            weight = 0 if call.mode == "peek" else item.weight
+            needed = weight
+            if item.kind in ("r", "c"):
+                needed = 0 if call.mode == "peek" else 1
+            state: dict[str, Any] = {"item": item, "needed": needed}
+            if item.kind in ("r", "t"):
+                window = int(item.span)
+                entries = self._zset(item.key, now)
+                gone = entries.pop_through(now - window) if entries is not None else []
+                if item.kind == "r":
+                    used = len(entries) if entries is not None else 0
+                else:
+                    total = self._get(sum_key(item.key), now) or 0
+                    if gone:
+                        total -= sum(int(member.split(":", 1)[0]) for _, member in gone)
+                        if total <= 0:
+                            self._data.pop(sum_key(item.key), None)
+                            total = 0
+                        else:
+                            self._data[sum_key(item.key)] = total
+                    used = total
+            elif item.kind == "c":
+                entries = self._zset(item.key, now)
+                if entries is not None:
+                    entries.pop_through(now)
+                used = len(entries) if entries is not None else 0
+            else:
+                field, period_end, stale = _period_of(item.span, now)
+                state.update(field=field, period_end=period_end, stale=stale)
+                fields = self._get(item.key, now) or {}
+                used = fields.get(field, 0)
+            state["used"] = used
+
+            if used + needed > item.limit and call.mode != "peek":
+                wait = NEVER
+                entries = self._zset(item.key, now) if item.kind in ("r", "t", "c") else None
+                if item.kind == "r" and entries is not None:
+                    position = used - item.limit
+                    if 0 <= position < len(entries):
+                        wait = entries.items[position][0] + int(item.span) - now
+                elif item.kind == "t" and entries is not None:
+                    if needed <= item.limit:
+                        remaining = used
+                        for score, member in entries.items:
+                            remaining -= int(member.split(":", 1)[0])
+                            if remaining + needed <= item.limit:
+                                wait = score + int(item.span) - now
+                                break
+                elif item.kind == "c" and entries is not None and len(entries):
+                    wait = entries.items[0][0] - now
+                elif item.kind in ("k", "m") and needed <= item.limit:
+                    wait = state["period_end"] - now
+                if item.shadow:
+                    shadow_denied.append(index)
+                else:
+                    allowed = False
+                    if retry != NEVER and (wait == NEVER or wait > retry):
+                        retry = wait
+                        denied_index = index
+            states.append(state)
+
+        consume = allowed and call.mode == "check"
+        consumed: list[str] = []
+        used_out: list[int] = []
+        reset_out: list[int] = []
+        for state in states:
+            item = state["item"]
+            used = state["used"]
+            if consume:
+                if item.kind == "r":
+                    entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
+                    entries.add(now, call.request_id)
+                    self._expire(item.key, now, int(item.span) // 1000 + 1)
+                elif item.kind == "t":
+                    window = int(item.span)
+                    if item.weight > 0:
+                        entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
+                        entries.add(now, f"{item.weight}:{call.request_id}")
+                        total = (self._get(sum_key(item.key), now) or 0) + item.weight
+                        self._data[sum_key(item.key)] = total
+                        self._expire(item.key, now, window // 1000 + 1)
+                        self._expire(sum_key(item.key), now, window // 1000 + 1)
+                    fields = ("t", item.key, sum_key(item.key), item.weight, now, window)
+                    consumed.append("\t".join(str(field) for field in fields))
+                elif item.kind == "c":
+                    lease = int(item.span)
+                    entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
+                    entries.add(now + lease, call.request_id)
+                    self._expire(item.key, now, lease // 1000 + 1)
+                    consumed.append(f"c\t{item.key}")
+                else:
+                    fields = self._get(item.key, now)
+                    if fields is None:
+                        fields = self._new(item.key, {})
+                    fields[state["field"]] = fields.get(state["field"], 0) + item.weight
+                    fields.pop(state["stale"], None)
+                    keep = DAY_US if item.span == "d" else 31 * DAY_US
+                    self._expire(item.key, now, (state["period_end"] + keep - now) // 1000)
+                    consumed.append(f"{item.kind}\t{item.key}\t{state['field']}\t{item.weight}")
+                used += state["needed"]
+            elif call.mode == "dry" and allowed:
+                used += state["needed"]
+            reset = 0
+            if item.kind in ("r", "t"):
+                entries = self._zset(item.key, now)
+                if entries is not None and len(entries):
+                    reset = entries.items[0][0] + int(item.span) - now
+                elif used > 0:
+                    reset = int(item.span)
+            elif item.kind == "c":
+                entries = self._zset(item.key, now)
+                if entries is not None and len(entries):
+                    reset = entries.items[0][0] - now
+            else:
+                reset = state["period_end"] - now
+            used_out.append(used)
+            reset_out.append(reset)
+
+        result = RawCheck(
+            status=1 if allowed else 0,
+            now=now,
+            denied_index=denied_index,
+            retry=retry,
+            used=tuple(used_out),
+            reset=tuple(reset_out),
+            shadow_denied=tuple(shadow_denied),
+        )
+        if call.mode == "check":
+            values = [result.status, now, denied_index, retry]
+            for used, reset in zip(used_out, reset_out, strict=True):
+                values += [used, reset]
+            mask = "".join(f"{index}," for index in shadow_denied)
+            stored = ";".join(str(v) for v in values) + ";" + mask
+            self._data[call.record_key] = {"d": stored, "c": "\n".join(consumed), "x": call.extra}
+            self._expires[call.record_key] = now + call.record_ttl_ms * 1000
+            if shadow_denied:
+                counts = self._get(call.shadow_key, now) or self._new(call.shadow_key, {})
+                for index in shadow_denied:
+                    label = call.limits[index - 1].label
+                    counts[label] = counts.get(label, 0) + 1
+            if allowed:
+                self.events.append({"k": "check", "e": call.event, "t": str(now)})
+            else:
+                counts = self._get(call.denied_key, now) or self._new(call.denied_key, {})
+                label = f"{now // 3_600_000_000}|{call.denied_label}"
+                counts[label] = counts.get(label, 0) + 1
+        return result
+
+    def _new(self, key: str, value: Any) -> Any:
+        self._data[key] = value
+        self._expires.pop(key, None)
+        return value
+
+    def stored_request(self, record_key: str) -> StoredRequest | None:
+        with self._lock:
+            record = self._get(record_key, self._now())
+            if record is None or not record["d"].startswith("1;"):
+                return None
+            return StoredRequest(consumed=record["c"], extra=record["x"], settled=record.get("s"))
+
+    def commit(self, call: CommitCall, stored: StoredRequest) -> tuple[int, str]:
+        with self._lock:
+            now = self._now()
+            record = self._get(call.record_key, now)
+            if record is None or not record["d"].startswith("1;"):
+                return -1, ""
+            if "s" in record:
+                return 0, record["s"]
+            for line in record["c"].split("\n"):
+                if not line:
+                    continue
+                fields = line.split("\t")
+                kind, key = fields[0], fields[1]
+                if kind == "t":
+                    weight, at, window = int(fields[3]), int(fields[4]), int(fields[5])
+                    if at <= now - window:
+                        continue
+                    entries = self._zset(key, now)
+                    present = 1
+                    if weight > 0:
+                        present = entries.remove(f"{weight}:{call.request_id}") if entries else 0
+                    if not present:
+                        continue
+                    if call.tokens > 0:
+                        entries = entries or self._new(key, _SortedSet())
+                        entries.add(at, f"{call.tokens}:{call.request_id}")
+                        self._expire(key, now, window // 1000 + 1)
+                    delta = call.tokens - weight
+                    if delta:
+                        total = (self._get(fields[2], now) or 0) + delta
+                        if total <= 0:
+                            self._data.pop(fields[2], None)
+                        else:
+                            self._data[fields[2]] = total
+                            self._expire(fields[2], now, window // 1000 + 1)
+                elif kind == "c":
+                    entries = self._zset(key, now)
+                    if entries is not None:
+                        entries.remove(call.request_id)
+                else:
+                    field, weight = fields[2], int(fields[3])
+                    actual = call.tokens if kind == "k" else call.cost
+                    counts = self._get(key, now)
+                    if counts is not None and field in counts and actual != weight:
+                        counts[field] = max(0, counts[field] + actual - weight)
+            record["s"] = call.summary
+            self.events.append({"k": "commit", "e": call.event, "t": str(now)})
+            return 1, call.summary
+
+    def delete(self, keys: list[str]) -> int:
+        with self._lock:
+            now = self._now()
+            deleted = 0
+            for key in keys:
+                if self._get(key, now) is not None:
+                    del self._data[key]
+                    self._expires.pop(key, None)
+                    deleted += 1
+            return deleted
+
+    def counters(self, key: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._get(key, self._now()) or {})
+
+
+def _period_of(code: str, now: int) -> tuple[str, int, str]:
+    """The budget period at ``now``: its field, its end (µs) and the field two back."""
+    import datetime as dt
+
+    days = now // DAY_US
+    if code == "d":
+        return f"d:{days}", (days + 1) * DAY_US, f"d:{days - 2}"
+    day = dt.date(1970, 1, 1) + dt.timedelta(days=days)
+    index = day.year * 12 + day.month - 1
+    next_month = dt.date((index + 1) // 12, (index + 1) % 12 + 1, 1)
+    end = (next_month - dt.date(1970, 1, 1)).days * DAY_US
+    return f"m:{index}", end, f"m:{index - 2}"

@@ -1,0 +1,101 @@
+--[[
+commit.lua: settle an allowed check with what the inference really used.
+
+KEYS[1]  request record (hash) written by check.lua
+KEYS[2]  usage event stream of the tenant
+KEYS[3…] the keys named by the record's consumed entries, in their order (a token window
+         gives its sorted set and its running sum)
+
+ARGV[1]  time override in microseconds, or "" to use Redis TIME (tests only)
+ARGV[2]  request id
+ARGV[3]  actual tokens (input + output)
+ARGV[4]  actual cost in nano-units of the currency
+ARGV[5]  settlement summary to remember ("<input>;<output>;<status>")
+ARGV[6]  usage event payload (JSON)
+
+Each consumed entry is replaced by the actual: a token window entry still inside its window
+gets the actual weight (one that already slid out changes nothing), a budget period gets
+actual − estimate, a concurrency slot is freed. Nothing is ever credited below zero, so a
+report can return at most what this request reserved.
+
+Returns {-1} for an unknown request, {0, summary} when it was settled before (nothing
+changes), {1, summary} when settled now.
+]]
+
+local record_key, stream_key = KEYS[1], KEYS[2]
+local request_id = ARGV[2]
+local actual_tokens, actual_cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+
+local record = redis.call("HMGET", record_key, "c", "s", "d")
+if not record[3] then
+  return {-1}
+end
+if record[2] then
+  return {0, record[2]}
+end
+if string.sub(record[3], 1, 2) ~= "1;" then
+  return {-1}  -- a denied check reserved nothing and has nothing to settle
+end
+
+local now
+if ARGV[1] ~= "" then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call("TIME")
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+
+-- One line per consumed limit, tab-separated fields (see check.lua).
+local key_index = 3
+for line in string.gmatch(record[1] or "", "[^\n]+") do
+  local fields = {}
+  for field in string.gmatch(line, "[^\t]+") do
+    fields[#fields + 1] = field
+  end
+  local kind = fields[1]
+  if kind == "t" then
+    local key, sum_key = KEYS[key_index], KEYS[key_index + 1]
+    key_index = key_index + 2
+    local weight, at, window = tonumber(fields[4]), tonumber(fields[5]), tonumber(fields[6])
+    if at > now - window then
+      local present = 1
+      if weight > 0 then
+        present = redis.call("ZREM", key, string.format("%d", weight) .. ":" .. request_id)
+      end
+      -- Absent with a weight means the user's windows were reset: nothing to correct.
+      if present == 1 then
+        if actual_tokens > 0 then
+          redis.call("ZADD", key, at, string.format("%d", actual_tokens) .. ":" .. request_id)
+          redis.call("PEXPIRE", key, math.floor(window / 1000) + 1)
+        end
+        local delta = actual_tokens - weight
+        if delta ~= 0 then
+          local total = redis.call("INCRBY", sum_key, delta)
+          if total <= 0 then
+            redis.call("DEL", sum_key)
+          else
+            redis.call("PEXPIRE", sum_key, math.floor(window / 1000) + 1)
+          end
+        end
+      end
+    end
+  elseif kind == "c" then
+    redis.call("ZREM", KEYS[key_index], request_id)
+    key_index = key_index + 1
+  else
+    local key, field, weight = KEYS[key_index], fields[3], tonumber(fields[4])
+    key_index = key_index + 1
+    local actual = kind == "k" and actual_tokens or actual_cost
+    local current = redis.call("HGET", key, field)
+    if current and actual ~= weight then
+      local total = redis.call("HINCRBY", key, field, actual - weight)
+      if total < 0 then redis.call("HSET", key, field, 0) end
+    end
+  end
+end
+
+redis.call("HSET", record_key, "s", ARGV[5])
+redis.call("XADD", stream_key, "*", "k", "commit", "e", ARGV[6],
+  "t", string.format("%.0f", now))
+return {1, ARGV[5]}

@@ -1,0 +1,35 @@
+"""Prometheus metrics of the limiter.
+
+Each process counts its own; under several gunicorn workers the exporter aggregates them
+through ``PROMETHEUS_MULTIPROC_DIR`` when it is set.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+DECISIONS = Counter(
+    "quota_decisions_total",
+    "Checks decided, by tier, model class and outcome (allowed, denied).",
+    ["tier", "model_class", "outcome"],
+)
+DEGRADED = Counter(
+    "quota_degraded_decisions_total",
+    "Checks answered without Redis, by the fail mode that answered them.",
+    ["fail_mode"],
+)
+REDIS_ERRORS = Counter(
+    "quota_redis_errors_total",
+    "Limiter calls to Redis that failed or timed out, by error.",
+    ["error"],
+)
+SHADOW_DENIED = Counter(
+    "quota_shadow_denied_total",
+    "Checks that a shadow rule would have denied.",
+    ["tier", "model_class"],
+)
+CHECK_SECONDS = Histogram(
+    "quota_check_seconds",
+    "Time to decide one check, in the engine.",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
