@@ -6,7 +6,7 @@ through ``PROMETHEUS_MULTIPROC_DIR`` when it is set.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter(
     "quota_decisions_total",
@@ -33,3 +33,26 @@ CHECK_SECONDS = Histogram(
     "Time to decide one check, in the engine.",
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
+USAGE_BACKLOG = Gauge(
+    "quota_usage_backlog_events",
+    "Usage events waiting in Redis streams to be drained to Postgres.",
+    multiprocess_mode="max",
+)
+
+
+def backlog_refresh() -> None:
+    """Measure the backlog now (at scrape time): the length of every tenant's stream."""
+    from limits import engine
+
+    store = engine.policy_store()
+    tenants = list(store.current().tenants)
+    if store.redis is None:
+        USAGE_BACKLOG.set(sum(1 for _ in engine.local_backend().events))
+        return
+    try:
+        pipe = store.redis.pipeline(transaction=False)
+        for tenant_id in tenants:
+            pipe.xlen(f"{engine.tenant_tag(int(tenant_id))}:events")
+        USAGE_BACKLOG.set(sum(pipe.execute()))
+    except Exception:  # a scrape must not fail because Redis is away; the error metric says it
+        return

@@ -170,9 +170,14 @@ LOGIN_URL = "admin:login"
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["limits.parsers.BoundedJSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "limits.views.api_exception_handler",
 }
+# Check bodies are a few hundred bytes; anything near this is a mistake or an attack.
+QUOTA_API_MAX_BODY_BYTES = env_int("QUOTA_API_MAX_BODY_BYTES", 64 * 1024, minimum=1024)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Quota platform API",

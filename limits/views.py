@@ -1,0 +1,173 @@
+"""The check API: thin views over the engine."""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+from typing import Any
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import APIException, NotFound, ValidationError
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView, exception_handler
+
+from limits import engine
+from limits.authentication import ApiKeyAuthentication
+from limits.headers import ratelimit_headers
+from limits.serializers import (
+    CheckAnswerSerializer,
+    CheckRequestSerializer,
+    QuotaAnswerSerializer,
+    QuotaQuerySerializer,
+    UsageAnswerSerializer,
+    UsageRequestSerializer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The limiter's store is unreachable; report the usage again shortly."
+    default_code = "unavailable"
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """DRF's handler, plus the engine's lookups as the client errors they are."""
+    if isinstance(exc, engine.UnknownModel):
+        exc = ValidationError({"model": [f"Unknown model {exc.args[0]!r}."]})
+    elif isinstance(exc, engine.UnknownTenant):
+        exc = NotFound("This key's tenant is not active.")
+    elif isinstance(exc, engine.EngineUnavailable):
+        exc = ServiceUnavailable()
+    return exception_handler(exc, context)
+
+
+def _number(value: int | Decimal) -> int | float:
+    return float(value) if isinstance(value, Decimal) else value
+
+
+def _limit_json(state: engine.LimitState) -> dict[str, Any]:
+    return {
+        "scope": state.scope,
+        "metric": state.metric,
+        "window": state.window,
+        "limit": _number(state.limit),
+        "remaining": _number(state.remaining),
+        "reset": round(state.reset, 3),
+    }
+
+
+def decision_json(decision: engine.Decision) -> dict[str, Any]:
+    denied = decision.denied_by
+    return {
+        "allowed": decision.allowed,
+        "request_id": decision.request_id,
+        "policy_version": decision.policy_version,
+        "denied_by": None
+        if denied is None
+        else {
+            "scope": denied.scope,
+            "metric": denied.metric,
+            "window": denied.window,
+            "limit": _number(denied.limit),
+        },
+        "retry_after": None if decision.retry_after is None else round(decision.retry_after, 3),
+        "limits": [_limit_json(state) for state in decision.limits],
+        "degraded": decision.degraded,
+    }
+
+
+class ApiView(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [IsAuthenticated]
+
+
+class CheckView(ApiView):
+    @extend_schema(
+        request=CheckRequestSerializer,
+        responses={
+            200: OpenApiResponse(CheckAnswerSerializer, "Allowed or denied: read `allowed`."),
+            400: OpenApiResponse(description="Invalid body, or an unknown model."),
+            401: OpenApiResponse(description="Missing, malformed, unknown or revoked key."),
+        },
+        summary="Ask before an inference",
+    )
+    def post(self, request: Request) -> Response:
+        body = CheckRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        client = request.user
+        decision = engine.check(
+            client.tenant_id,
+            data["user_id"],
+            data["model"],
+            tokens=data["tokens"],
+            request_id=data.get("request_id"),
+            dry_run=data["dry_run"],
+            api_key_id=client.key_id,
+            fail_mode=client.fail_mode,
+        )
+        return Response(decision_json(decision), headers=ratelimit_headers(decision))
+
+
+class UsageView(ApiView):
+    @extend_schema(
+        request=UsageRequestSerializer,
+        responses={
+            200: UsageAnswerSerializer,
+            400: OpenApiResponse(description="Invalid body."),
+            401: OpenApiResponse(description="Missing, malformed, unknown or revoked key."),
+            404: OpenApiResponse(description="No allowed check of this tenant has this id."),
+        },
+        summary="Report what an inference really used",
+    )
+    def post(self, request: Request) -> Response:
+        body = UsageRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        settled = engine.commit(
+            request.user.tenant_id,
+            data["request_id"],
+            data["input_tokens"],
+            data["output_tokens"],
+            data["status"],
+        )
+        if settled is None:
+            raise NotFound("No allowed check with this request_id.")
+        return Response(
+            {
+                "request_id": settled.request_id,
+                "input_tokens": settled.input_tokens,
+                "output_tokens": settled.output_tokens,
+                "status": settled.status,
+                "repeated": settled.repeated,
+            }
+        )
+
+
+class QuotaView(ApiView):
+    @extend_schema(
+        parameters=[QuotaQuerySerializer],
+        responses={
+            200: QuotaAnswerSerializer,
+            400: OpenApiResponse(description="Invalid query, or an unknown model."),
+            401: OpenApiResponse(description="Missing, malformed, unknown or revoked key."),
+        },
+        summary="Where a user stands, consuming nothing",
+    )
+    def get(self, request: Request) -> Response:
+        query = QuotaQuerySerializer(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
+        data = query.validated_data
+        decision = engine.quota(request.user.tenant_id, data["user_id"], data["model"])
+        return Response(
+            {
+                "policy_version": decision.policy_version,
+                "limits": [_limit_json(state) for state in decision.limits],
+            },
+            headers=ratelimit_headers(decision),
+        )
