@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -31,6 +32,18 @@ try:
 except ImproperlyConfigured as error:
     print(f"configuration error: {error}", file=sys.stderr)
     sys.exit(2)
+
+# Metrics of every worker in one scrape: prometheus-client keeps them in files here. Set
+# before the application (and prometheus-client) is loaded.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quota-metrics-")
+
+
+def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
 
 wsgi_app = "quota_platform.wsgi:application"
 bind = [f"127.0.0.1:{_port}"]
