@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any, cast
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IS_POPUP_VAR
-from django.core.exceptions import ValidationError
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models, transaction
 from django.db.models import Count, Q, QuerySet
 from django.db.models.fields import BLANK_CHOICE_DASH
 from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, reverse
+from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
@@ -33,6 +34,7 @@ from django.utils.translation import ngettext
 
 from limits import services
 from limits.apikeys import apikey_name_clean
+from limits.engine import EngineUnavailable
 from limits.models import (
     AIModel,
     ApiKey,
@@ -247,6 +249,30 @@ class ApiKeyAddForm(forms.ModelForm):
             return apikey_name_clean(self.cleaned_data["name"])
         except ValidationError as error:
             raise ValidationError(error.message_dict["name"]) from None
+
+
+class UserResetForm(forms.Form):
+    """Whose windows to clear: one end user of a tenant, on every model or on one."""
+
+    user_id = forms.CharField(
+        label="End user id",
+        max_length=200,
+        # Kept exactly as typed: the engine counts the id byte for byte as services send it.
+        strip=False,
+        help_text="Exactly as the service sends it as user_id in its checks.",
+    )
+    model = forms.ChoiceField(label="Model", required=False)
+
+    def __init__(self, *args: Any, model_ids: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        choices = [("", "every model"), *((model_id, model_id) for model_id in model_ids)]
+        cast(forms.ChoiceField, self.fields["model"]).choices = choices
+
+    def clean_user_id(self) -> str:
+        user_id = str(self.cleaned_data["user_id"])
+        if not user_id.strip():
+            raise ValidationError("Enter the end user's id.", code="required")
+        return user_id
 
 
 # Writes through the services
@@ -759,7 +785,69 @@ class TenantAdmin(ServiceWritesMixin, admin.ModelAdmin):
                 context["create_api_key_url"] = (
                     reverse("admin:limits_apikey_add") + f"?{urlencode({'tenant': obj.pk})}"
                 )
+            if self.has_change_permission(request, obj):
+                context["reset_user_url"] = reverse("admin:limits_tenant_reset_user", args=[obj.pk])
         return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def get_urls(self) -> list[URLPattern]:
+        reset_user = path(
+            "<path:object_id>/reset-user/",
+            self.admin_site.admin_view(self.reset_user_view),
+            name="limits_tenant_reset_user",
+        )
+        return [reset_user, *super().get_urls()]
+
+    def reset_user_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Reset one end user's windows: a form, a confirmation, then the reset itself."""
+        tenant = self.get_object(request, unquote(object_id))
+        if tenant is None:
+            raise Http404("No such tenant.")
+        if not self.has_change_permission(request, tenant):
+            raise PermissionDenied
+        model_ids = list(
+            AIModel.objects.filter(is_active=True)
+            .order_by("model_id")
+            .values_list("model_id", flat=True)
+        )
+        confirming = False
+        if request.method == "POST":
+            form = UserResetForm(request.POST, model_ids=model_ids)
+            if form.is_valid() and "confirm" not in request.POST:
+                confirming = True
+            elif form.is_valid():
+                user_id = form.cleaned_data["user_id"]
+                model_id = form.cleaned_data["model"] or None
+                try:
+                    removed = services.user_reset(
+                        tenant=tenant, user_id=user_id, model_id=model_id, actor=_actor(request)
+                    )
+                except ValidationError as error:
+                    form.add_error(None, error.messages)
+                except EngineUnavailable:
+                    form.add_error(
+                        None, "The limiter's store is unreachable, so nothing was reset. Try again."
+                    )
+                else:
+                    self.message_user(
+                        request,
+                        f"Reset the windows of user {user_id} on {model_id or 'every model'} "
+                        + ngettext("(%(count)d key removed).", "(%(count)d keys removed).", removed)
+                        % {"count": removed},
+                        messages.SUCCESS,
+                    )
+                    return HttpResponseRedirect(_admin_change_url("tenant", tenant.pk))
+        else:
+            form = UserResetForm(model_ids=model_ids)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": tenant,
+            "title": "Reset a user's limits",
+            "form": form,
+            "confirming": confirming,
+            "tenant_url": _admin_change_url("tenant", tenant.pk),
+        }
+        return TemplateResponse(request, "admin/limits/tenant/reset_user.html", context)
 
 
 @admin.register(LimitRule)

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 
 from limits.models import (
@@ -96,7 +97,10 @@ def audit_record(
     action: str,
     instance: models.Model,
     changes: dict[str, Any],
+    policy_version: int | None = None,
 ) -> AuditEntry:
+    """Record one change. Without ``policy_version`` the next publish stamps the entry with
+    the version that first enforces it."""
     parent_type, parent_id = _parent_of(instance)
     return AuditEntry.objects.create(
         actor=actor.user,
@@ -108,6 +112,7 @@ def audit_record(
         parent_type=parent_type,
         parent_id=parent_id,
         changes=changes,
+        policy_version=policy_version,
     )
 
 
@@ -280,3 +285,36 @@ def apikey_revoke(*, api_key: ApiKey, actor: Actor) -> None:
             api_key.revoked_at = (
                 ApiKey.objects.filter(pk=api_key.pk).values_list("revoked_at", flat=True).first()
             )
+
+
+def user_reset(*, tenant: Tenant, user_id: str, model_id: str | None = None, actor: Actor) -> int:
+    """Clear one end user's windows and concurrency leases in ``tenant``, on every model or
+    on one, and audit it on the tenant. Returns how many keys were removed.
+
+    Raises ``ValidationError`` for an empty user id or an unknown model, and
+    ``limits.engine.EngineUnavailable`` when the limiter's store cannot be reached (then
+    nothing was reset and nothing is recorded).
+    """
+    from limits import engine
+
+    if not user_id or not user_id.strip():
+        raise ValidationError({"user_id": "Enter the end user's id as the service sends it."})
+    if model_id is not None and not AIModel.objects.filter(model_id=model_id).exists():
+        raise ValidationError({"model_id": f"There is no model {model_id!r}."})
+    # The reset cannot be undone, so it goes first: when the store is unreachable nothing
+    # happened and nothing is recorded.
+    removed = engine.reset(tenant.pk, user_id, model_id)
+    latest = PolicyVersion.objects.order_by("-version").values_list("version", flat=True).first()
+    audit_record(
+        actor=actor,
+        action=AuditEntry.Action.RESET,
+        instance=tenant,
+        changes={
+            "user_id": [None, user_id],
+            "model": [None, model_id or "every model"],
+            "keys_removed": [None, removed],
+        },
+        # Stamped with the version in force, not with whatever is published next.
+        policy_version=latest,
+    )
+    return removed

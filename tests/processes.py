@@ -1,0 +1,212 @@
+"""Real processes that tests start and stop: a Redis server of their own, and a second
+engine process that knows only what Redis tells it.
+
+Run as ``python -m tests.processes`` this module is that second process: it reads one JSON
+request per line on stdin, answers one JSON line on stdout, and ends when stdin closes
+(so it never outlives the test that started it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+# A database nobody listens on: the second process can learn the policy only from Redis.
+NO_DATABASE = "postgres://postgres@127.0.0.1:1/unreachable"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server on a free loopback port in a directory of its own, without
+    persistence, that can be stopped and started again on the same port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("redis-server") is not None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        log = (self.directory / "redis.log").open("ab")
+        # The port is never handed out again while we hold it, but another program may
+        # take it while the server is down: then start-up fails here, loudly.
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        import redis
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited; see {self.directory / 'redis.log'}")
+            with contextlib.suppress(redis.RedisError), self.client() as client:
+                if client.ping():
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def stop(self) -> None:
+        """Kill the server (no shutdown courtesy: an outage, not a maintenance)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def freeze(self) -> None:
+        """Stop the server's process: it still accepts connections but answers nothing."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+
+
+class EngineProcess:
+    """A second process running the engine with the test settings, the same key prefix and
+    no database: everything it enforces it learned from Redis (its policy poller)."""
+
+    def __init__(self, *, prefix: str, redis_url: str, log_path: Path) -> None:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "QUOTA_KEY_PREFIX": prefix,
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": NO_DATABASE,
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.log_path = log_path
+        log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.processes"],
+            cwd=REPOSITORY,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        log.close()
+        self._selector = selectors.DefaultSelector()
+        assert self.process.stdout is not None
+        self._selector.register(self.process.stdout, selectors.EVENT_READ)
+
+    def ask(self, timeout: float = 20.0, **request: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        if not self._selector.select(timeout):
+            raise TimeoutError(f"no answer within {timeout} s; see {self.log_path}")
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the engine process ended; see {self.log_path}")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the engine process failed: {answer['error']}")
+        return answer
+
+    def check(self, tenant_id: int, user_id: str, model: str, tokens: int = 0) -> dict[str, Any]:
+        return self.ask(op="check", tenant=tenant_id, user=user_id, model=model, tokens=tokens)
+
+    def close(self) -> None:
+        self._selector.close()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def _answer(request: dict[str, Any]) -> dict[str, Any]:
+    from limits import engine
+
+    if request["op"] == "check":
+        decision = engine.check(
+            request["tenant"], request["user"], request["model"], request.get("tokens", 0)
+        )
+        return {
+            "allowed": decision.allowed,
+            "policy_version": decision.policy_version,
+            "degraded": decision.degraded,
+            "limits": [[state.scope, state.metric, state.limit] for state in decision.limits],
+            "denied_by": None if decision.denied_by is None else decision.denied_by.scope,
+        }
+    if request["op"] == "version":
+        store = engine.policy_store()
+        store.current()
+        return {"version": store.version, "loaded": store.loaded}
+    raise ValueError(f"unknown op {request['op']!r}")
+
+
+def main() -> None:
+    import django
+
+    django.setup()
+    for line in sys.stdin:
+        try:
+            answer = _answer(json.loads(line))
+        except Exception as error:  # noqa: BLE001 - reported to the test, which fails
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
