@@ -18,11 +18,14 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 if TYPE_CHECKING:
     from limits.engine import Plan
@@ -48,6 +51,14 @@ class Policy:
 EMPTY = Policy(0, {})
 
 
+@dataclass(frozen=True)
+class Reconciled:
+    """What one reconcile found and did."""
+
+    outcome: str  # "in sync", "restored", "rolled back", "in-process", "nothing published"
+    version: int | None  # the latest version in Postgres
+
+
 def _keys() -> tuple[str, str]:
     prefix = settings.QUOTA_KEY_PREFIX
     return f"{prefix}:{{policy}}:version", f"{prefix}:{{policy}}:document"
@@ -60,11 +71,20 @@ class PolicyStore:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._pid = os.getpid()
+        # Bumped by every swap: a poll that read Redis before a local publish must not put
+        # the older document back over the newer one.
+        self._generation = 0
         self.redis: redis.Redis | None = None
         if settings.REDIS_URL:
             # Policy traffic is rare and a document can be large: its own, patient client.
+            # One immediate retry of a dropped connection, none of a timeout: redis-py's
+            # default (ten retries with backoff) would hold a first check, or an admin save
+            # publishing on commit, for many seconds while Redis is away.
             self.redis = redis.Redis.from_url(
-                settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2
+                settings.REDIS_URL,
+                socket_timeout=5,
+                socket_connect_timeout=1,
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             )
             self._publish = self.redis.register_script(PUBLISH_LUA)
 
@@ -100,13 +120,18 @@ class PolicyStore:
                     if policy is not None and self.redis is not None:
                         self._write_redis(policy.version, policy.document, force=False)
                 self._policy = policy or EMPTY
-            if self.redis is not None and self._poller is None:
-                self._stop.clear()
-                self._poller = threading.Thread(
-                    target=self._poll, name="quota-policy-poller", daemon=True
-                )
-                self._poller.start()
+                self._generation += 1
+            self._start_poller()
             return self._policy
+
+    def _start_poller(self) -> None:
+        """Follow Redis from now on (caller holds the lock)."""
+        if self.redis is not None and self._poller is None:
+            self._stop.clear()
+            self._poller = threading.Thread(
+                target=self._poll, name="quota-policy-poller", daemon=True
+            )
+            self._poller.start()
 
     def _read_redis(self, newer_than: int) -> Policy | None:
         if self.redis is None:
@@ -138,6 +163,7 @@ class PolicyStore:
         if self.redis is None:
             return False
         version_key, _ = _keys()
+        generation = self._generation
         current = self._policy
         raw = self.redis.get(version_key)
         if raw is None:
@@ -149,8 +175,8 @@ class PolicyStore:
         newer = self._read_redis(0)
         if newer is None:
             return False
-        self._swap(newer, force=True)
-        return True
+        # Redis decides, even when it went back (reconcile restored an older version).
+        return self._swap(newer, force=True, generation=generation)
 
     def _poll(self) -> None:
         while not self._stop.wait(settings.QUOTA_POLICY_REFRESH_SECONDS):
@@ -163,14 +189,26 @@ class PolicyStore:
     def publish(self, version: int, document: dict[str, Any], *, force: bool = False) -> None:
         document = json.loads(json.dumps(document))
         document["version"] = version
-        self._swap(Policy(version, document), force=force)
+        # Redis first: a poll that runs in between then finds this version there, never the
+        # one before it to put back over ours.
         if self.redis is not None:
             self._write_redis(version, document, force=force)
+        self._swap(Policy(version, document), force=force)
+        if self._pid == os.getpid():
+            # A process that published before its first check (an admin save) holds a policy
+            # without having loaded one: it must follow the next publish of any other too.
+            with self._lock:
+                self._start_poller()
 
-    def _swap(self, policy: Policy, *, force: bool) -> None:
+    def _swap(self, policy: Policy, *, force: bool, generation: int | None = None) -> bool:
         with self._lock:
+            if generation is not None and generation != self._generation:
+                return False  # swapped meanwhile; the next poll looks again
             if force or self._policy is None or policy.version > self._policy.version:
                 self._policy = policy
+                self._generation += 1
+                return True
+            return False
 
     def _write_redis(self, version: int, document: dict[str, Any], *, force: bool) -> bool:
         text = json.dumps(document, separators=(",", ":"))
@@ -195,18 +233,57 @@ class PolicyStore:
             self.redis.close()
 
 
-def policy_reconcile() -> str:
-    """Make Redis hold the latest version in Postgres. Returns what it did."""
+def policy_reconcile() -> Reconciled:
+    """Make Redis hold the latest version in Postgres, the source of truth.
+
+    Idempotent: when Redis already holds that version (number and document) nothing is
+    written. Redis behind (or emptied by a ``FLUSHALL``) gets the latest version; Redis ahead
+    (a database restored to an earlier state) is put back to it. Raises ``redis.RedisError``
+    when Redis cannot be reached, so that the task retries.
+    """
     from limits.engine import policy_store
+    from limits.models import PolicyVersion
 
     store = policy_store()
-    latest = store._read_database()
-    if latest is None:
-        return "nothing published yet"
+    latest_versions = PolicyVersion.objects.order_by("-version").only("version", "document")
     if store.redis is None:
+        latest = latest_versions.first()
+        if latest is None:
+            return Reconciled("nothing published", None)
         store.publish(latest.version, latest.document)
-        return "in-process"
-    if store.redis_version() == latest.version:
-        return "in sync"
-    store.publish(latest.version, latest.document, force=True)
-    return f"restored version {latest.version}"
+        return Reconciled("in-process", latest.version)
+
+    version_key, document_key = _keys()
+    for _attempt in range(5):
+        with store.redis.pipeline() as pipe:
+            try:
+                pipe.watch(version_key, document_key)
+                raw = pipe.get(version_key)
+                has_document = bool(pipe.exists(document_key))
+                # Postgres is read after the WATCH: a version committed after this read is
+                # pushed after it too, that push touches the watched keys, and the EXEC below
+                # then refuses to write an older version over it.
+                latest = latest_versions.first()
+                if latest is None:
+                    return Reconciled("nothing published", None)
+                current = None if raw is None else int(raw)
+                if current == latest.version and has_document:
+                    outcome = "in sync"
+                else:
+                    document = {**latest.document, "version": latest.version}
+                    pipe.multi()
+                    pipe.set(version_key, latest.version)
+                    pipe.set(document_key, json.dumps(document, separators=(",", ":")))
+                    pipe.execute()
+                    ahead = current is not None and current > latest.version
+                    outcome = "rolled back" if ahead else "restored"
+            except redis.WatchError:
+                continue  # published meanwhile; look again
+        if outcome != "in sync":
+            logger.warning("policy: Redis %s version %s", outcome, latest.version)
+        if store.loaded:
+            # Only a store that is enforcing (and has its poller) takes it now; a worker that
+            # never checks must not end up holding a policy nobody refreshes.
+            store.refresh()
+        return Reconciled(outcome, latest.version)
+    raise RuntimeError("the policy kept changing while it was being reconciled")

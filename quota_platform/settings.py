@@ -143,7 +143,14 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    # Puts the policy back into Redis after a FLUSHALL or a failover lost it.
+    "policy-reconcile": {
+        "task": "limits.tasks.policy_reconcile",
+        "schedule": 10.0,
+        "options": {"expires": 10},
+    },
+}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_str("TIME_ZONE", "UTC")
