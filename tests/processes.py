@@ -40,6 +40,7 @@ class RedisServer:
         self.directory = directory
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.frozen = False
 
     @staticmethod
     def available() -> bool:
@@ -97,18 +98,21 @@ class RedisServer:
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.kill()  # a stopped (frozen) process dies of SIGKILL too
         self.process.wait(timeout=10)
         self.process = None
+        self.frozen = False
 
     def freeze(self) -> None:
-        """Stop the server's process: it still accepts connections but answers nothing."""
+        """Stop the server's process: the kernel still accepts connections, nobody answers."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        self.frozen = True
 
     def thaw(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
+        if self.process is not None and self.frozen:
+            os.kill(self.process.pid, signal.SIGCONT)
+        self.frozen = False
 
     def client(self) -> Any:
         import redis
