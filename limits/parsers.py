@@ -16,8 +16,23 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: with ``{"user_id": "a", "user_id": "b"}``
+    two readers of the same body could disagree on whom it is about."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {key[:50]!r} appears more than once")
+            seen.add(key)
+    return value
+
+
 def _too_deep(text: str) -> bool:
     """True when brackets nest deeper than MAX_DEPTH (strings are skipped)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False  # the usual body: too few brackets to nest that deep, no scan needed
     depth = 0
     in_string = escaped = False
     for character in text:
@@ -51,7 +66,7 @@ def _drain(stream: Any, most: int = 16 * 1024 * 1024) -> None:
 
 
 class BoundedJSONParser(BaseParser):
-    """Stock DRF parsing with a size cap, a depth cap, and no NaN or Infinity.
+    """Stock DRF parsing with a size cap, a depth cap, no NaN or Infinity and no repeated keys.
 
     Python's json module raises RecursionError (not ValueError) on deep nesting, which
     DRF's parser would let through as a 500; the depth is checked before parsing. Not a
@@ -74,6 +89,6 @@ class BoundedJSONParser(BaseParser):
         if _too_deep(text):
             raise ParseError(f"The JSON nests deeper than {MAX_DEPTH} levels.")
         try:
-            return json.loads(text, parse_constant=_constant)
+            return json.loads(text, parse_constant=_constant, object_pairs_hook=_object)
         except (ValueError, RecursionError) as error:
             raise ParseError(f"The body is not valid JSON: {error}") from error
