@@ -56,6 +56,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Serves collected static files (the admin's CSS) from gunicorn, no web server needed.
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Checks the guarded pass-through routes (QUOTA_MIDDLEWARE) before anything else runs.
+    "limits.middleware.QuotaMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -132,6 +134,16 @@ QUOTA_REQUEST_RECORD_MIN_SECONDS = env_int(
 )
 # How long a verified API key stays cached in-process; a revoked key dies within this.
 QUOTA_API_KEY_CACHE_SECONDS = env_float("QUOTA_API_KEY_CACHE_SECONDS", 5.0, minimum=0.0)
+# Which requests QuotaMiddleware checks and settles, and how it reads them (see
+# limits/middleware.py): here the OpenAI-compatible pass-through routes.
+QUOTA_MIDDLEWARE = {"paths": ["/v1/"]}
+# The OpenAI-compatible inference server behind /v1/chat/completions, /v1/completions and
+# /v1/embeddings: its base URL as OpenAI clients take it (http://host:port/v1). Unset: 503.
+UPSTREAM_URL = env_url("UPSTREAM_URL", schemes=("http", "https"))
+# Sent to it as "Authorization: Bearer …"; the caller's platform key never is.
+UPSTREAM_API_KEY = env_str("UPSTREAM_API_KEY", "")
+# How long the inference server may stay silent (before its answer, or between two chunks).
+UPSTREAM_TIMEOUT_SECONDS = env_float("UPSTREAM_TIMEOUT_SECONDS", 300.0, minimum=1.0)
 
 CELERY_BROKER_URL = (
     env_url("CELERY_BROKER_URL", schemes=("redis", "rediss", "amqp", "amqps")) or REDIS_URL
