@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from limits.identifiers import InvalidIdentifier, normalize_model_id, normalize_user_id
 
 MAX_TOKENS = 10_000_000
+# What the OpenAPI document says of an id: not empty, and no control characters. The server
+# also refuses other unprintable characters and normalises (NFKC, trimmed) before counting.
+ID_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 200,
+    "pattern": r"^[^\u0000-\u001f\u007f-\u009f]*\S[^\u0000-\u001f\u007f-\u009f]*$",
+}
 
 
 class StrictIntegerField(serializers.IntegerField):
@@ -31,6 +40,7 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
+@extend_schema_field(ID_SCHEMA)
 class IdentifierField(serializers.CharField):
     """An id a caller sends: a JSON string, normalised as the admin normalises it."""
 
@@ -82,43 +92,81 @@ class QuotaQuerySerializer(serializers.Serializer):
     model = IdentifierField(normalize_model_id)
 
 
-# -- answers (for the schema, and to keep their shape in one place) --------------------
+# -- answers: their shape for the OpenAPI document (the views build them as plain dicts) --
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "integer", "minimum": 1},
+            {"type": "string", "enum": ["day", "month"]},
+        ],
+        "nullable": True,
+    }
+)
+class WindowField(serializers.Field):
+    """Seconds for a sliding window, the period for a budget, null for concurrency."""
+
+
+SCOPES = ["user_model", "user", "tenant_model", "tenant", "global", "budget"]
+METRICS = ["requests", "tokens", "concurrency", "cost"]
+
+
 class LimitSerializer(serializers.Serializer):
-    scope = serializers.CharField()
-    metric = serializers.CharField()
-    window = serializers.JSONField(
-        help_text="Seconds; 'day'/'month' for budgets; null for concurrency."
+    scope = serializers.ChoiceField(choices=SCOPES)
+    metric = serializers.ChoiceField(choices=METRICS, help_text="cost: money, for budgets.")
+    window = WindowField(help_text="Seconds; 'day' or 'month' for budgets; null for concurrency.")
+    limit = serializers.FloatField(min_value=0)
+    remaining = serializers.FloatField(min_value=0)
+    reset = serializers.FloatField(
+        min_value=0,
+        help_text="Seconds until the oldest counted use leaves (budgets: until the period ends).",
     )
-    limit = serializers.FloatField()
-    remaining = serializers.FloatField()
-    reset = serializers.FloatField(help_text="Seconds until the oldest counted use leaves.")
 
 
 class DeniedBySerializer(serializers.Serializer):
-    scope = serializers.CharField()
-    metric = serializers.CharField()
-    window = serializers.JSONField()
-    limit = serializers.FloatField()
+    scope = serializers.ChoiceField(choices=SCOPES)
+    metric = serializers.ChoiceField(choices=METRICS)
+    window = WindowField()
+    limit = serializers.FloatField(min_value=0)
 
 
 class CheckAnswerSerializer(serializers.Serializer):
     allowed = serializers.BooleanField()
-    request_id = serializers.CharField()
-    policy_version = serializers.IntegerField()
-    denied_by = DeniedBySerializer(allow_null=True)
-    retry_after = serializers.FloatField(allow_null=True)
+    request_id = serializers.CharField(help_text="The one sent, or a generated one.")
+    policy_version = serializers.IntegerField(min_value=0)
+    denied_by = DeniedBySerializer(allow_null=True, help_text="The limit that denied; or null.")
+    retry_after = serializers.FloatField(
+        min_value=0,
+        allow_null=True,
+        help_text="Seconds until it may pass; null when allowed or when it never can.",
+    )
     limits = LimitSerializer(many=True)
-    degraded = serializers.BooleanField()
+    degraded = serializers.BooleanField(
+        help_text="Answered by the tier's fail mode because the shared counters were unreachable."
+    )
 
 
 class UsageAnswerSerializer(serializers.Serializer):
     request_id = serializers.CharField()
-    input_tokens = serializers.IntegerField()
-    output_tokens = serializers.IntegerField()
-    status = serializers.CharField()
+    input_tokens = serializers.IntegerField(min_value=0)
+    output_tokens = serializers.IntegerField(min_value=0)
+    status = serializers.ChoiceField(choices=["ok", "error", "cancelled"])
     repeated = serializers.BooleanField(help_text="Reported before: the first report stands.")
 
 
 class QuotaAnswerSerializer(serializers.Serializer):
-    policy_version = serializers.IntegerField()
+    policy_version = serializers.IntegerField(min_value=0)
     limits = LimitSerializer(many=True)
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+FIELD_ERRORS_SCHEMA = {
+    "type": "object",
+    "description": "Messages by field (non_field_errors for the body as a whole), or a detail.",
+    "additionalProperties": {
+        "oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]
+    },
+    "minProperties": 1,
+}

@@ -18,8 +18,10 @@ from limits import engine
 from limits.authentication import ApiKeyAuthentication
 from limits.headers import ratelimit_headers
 from limits.serializers import (
+    FIELD_ERRORS_SCHEMA,
     CheckAnswerSerializer,
     CheckRequestSerializer,
+    ErrorSerializer,
     QuotaAnswerSerializer,
     QuotaQuerySerializer,
     UsageAnswerSerializer,
@@ -81,6 +83,23 @@ def decision_json(decision: engine.Decision) -> dict[str, Any]:
     }
 
 
+def _answers(ok: OpenApiResponse, **details: str) -> dict[int, OpenApiResponse]:
+    """The documented answers of an endpoint: ``ok`` for 200, errors with their bodies."""
+    answers = {
+        200: ok,
+        400: OpenApiResponse(FIELD_ERRORS_SCHEMA, details.pop("bad", "Invalid input.")),
+        401: OpenApiResponse(ErrorSerializer, "Missing, malformed, unknown or revoked key."),
+        404: OpenApiResponse(
+            ErrorSerializer, details.pop("missing", "The key's tenant is not active.")
+        ),
+        405: OpenApiResponse(ErrorSerializer, "Method not allowed."),
+        415: OpenApiResponse(ErrorSerializer, "The body is not application/json."),
+    }
+    if details.pop("unavailable", None):
+        answers[503] = OpenApiResponse(ErrorSerializer, "The limiter's store is unreachable.")
+    return answers
+
+
 class ApiView(APIView):
     authentication_classes = [ApiKeyAuthentication]
     permission_classes = [IsAuthenticated]
@@ -89,11 +108,10 @@ class ApiView(APIView):
 class CheckView(ApiView):
     @extend_schema(
         request=CheckRequestSerializer,
-        responses={
-            200: OpenApiResponse(CheckAnswerSerializer, "Allowed or denied: read `allowed`."),
-            400: OpenApiResponse(description="Invalid body, or an unknown model."),
-            401: OpenApiResponse(description="Missing, malformed, unknown or revoked key."),
-        },
+        responses=_answers(
+            OpenApiResponse(CheckAnswerSerializer, "Allowed or denied: read `allowed`."),
+            bad="Invalid body, or an unknown model.",
+        ),
         summary="Ask before an inference",
     )
     def post(self, request: Request) -> Response:
@@ -117,12 +135,12 @@ class CheckView(ApiView):
 class UsageView(ApiView):
     @extend_schema(
         request=UsageRequestSerializer,
-        responses={
-            200: UsageAnswerSerializer,
-            400: OpenApiResponse(description="Invalid body."),
-            401: OpenApiResponse(description="Missing, malformed, unknown or revoked key."),
-            404: OpenApiResponse(description="No allowed check of this tenant has this id."),
-        },
+        responses=_answers(
+            OpenApiResponse(UsageAnswerSerializer, "Settled now, or before (`repeated`)."),
+            bad="Invalid body.",
+            missing="No allowed check of this key's tenant has this request id.",
+            unavailable="yes",
+        ),
         summary="Report what an inference really used",
     )
     def post(self, request: Request) -> Response:
@@ -152,11 +170,10 @@ class UsageView(ApiView):
 class QuotaView(ApiView):
     @extend_schema(
         parameters=[QuotaQuerySerializer],
-        responses={
-            200: QuotaAnswerSerializer,
-            400: OpenApiResponse(description="Invalid query, or an unknown model."),
-            401: OpenApiResponse(description="Missing, malformed, unknown or revoked key."),
-        },
+        responses=_answers(
+            OpenApiResponse(QuotaAnswerSerializer, "Where the user stands on every limit."),
+            bad="Invalid query, or an unknown model.",
+        ),
         summary="Where a user stands, consuming nothing",
     )
     def get(self, request: Request) -> Response:
