@@ -162,6 +162,33 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "schedule": 10.0,
         "options": {"expires": 10},
     },
+    # Billing: usage streams into Postgres, rollups checked against raw events, budget
+    # alerts, monthly statements and raw-event retention (billing/tasks.py).
+    "billing-drain": {
+        "task": "billing.tasks.drain_usage",
+        "schedule": 5.0,
+        "options": {"expires": 5},
+    },
+    "billing-rollup": {
+        "task": "billing.tasks.rollup",
+        "schedule": 300.0,
+        "options": {"expires": 300},
+    },
+    "billing-budget-alerts": {
+        "task": "billing.tasks.budget_alerts",
+        "schedule": 60.0,
+        "options": {"expires": 60},
+    },
+    "billing-statements": {
+        "task": "billing.tasks.statements_finalise",
+        "schedule": 3600.0,
+        "options": {"expires": 3600},
+    },
+    "billing-retention": {
+        "task": "billing.tasks.retention",
+        "schedule": 3600.0,
+        "options": {"expires": 3600},
+    },
 }
 
 LANGUAGE_CODE = "en-us"
@@ -174,6 +201,33 @@ if len(BILLING_CURRENCY) != 3 or not BILLING_CURRENCY.isalpha():
     raise ImproperlyConfigured(
         f"BILLING_CURRENCY={BILLING_CURRENCY!r} must be a three-letter ISO 4217 code"
     )
+# How many usage events the drain takes from each tenant's stream per batch.
+BILLING_DRAIN_BATCH = env_int("BILLING_DRAIN_BATCH", 2000, minimum=1, maximum=100_000)
+# A batch a drain read but never acknowledged (its process died) is taken over after this.
+BILLING_CLAIM_IDLE_SECONDS = env_float("BILLING_CLAIM_IDLE_SECONDS", 60.0, minimum=0.0)
+# Raw usage events older than this are deleted once rolled up (rollups are kept). Longer
+# than a request record lives, so a late commit still finds its check.
+BILLING_RAW_RETENTION_DAYS = env_int("BILLING_RAW_RETENTION_DAYS", 35, minimum=2, maximum=3660)
+# A month's statements are finalised this long after the month ends; later usage of that
+# month lands on the next statement as an adjustment.
+BILLING_STATEMENT_GRACE_HOURS = env_int(
+    "BILLING_STATEMENT_GRACE_HOURS", 24, minimum=0, maximum=24 * 28
+)
+# Who gets budget alerts; empty: the active members of the finance group and superusers.
+BILLING_ALERT_EMAILS = env_list("BILLING_ALERT_EMAILS", [])
+
+# Mail (budget alerts). Without EMAIL_HOST mail is written to the log instead of sent.
+EMAIL_HOST = env_str("EMAIL_HOST", "")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1, maximum=65535)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_BACKEND = (
+    "django.core.mail.backends.smtp.EmailBackend"
+    if EMAIL_HOST
+    else "django.core.mail.backends.console.EmailBackend"
+)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "quota-platform@localhost")
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
