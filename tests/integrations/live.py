@@ -1,5 +1,6 @@
-"""Real processes for the integration tests: nginx with the example configuration, and
-plain HTTP calls. The platform itself runs in gunicorn (``tests.api.live``)."""
+"""Real processes for the integration tests: nginx with the example configuration, a proxy
+that holds answers back, and plain HTTP calls. The platform itself runs in gunicorn
+(``tests.api.live``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +173,103 @@ class Nginx:
             if path.exists():
                 parts.append(path.read_text(errors="replace")[-3000:])
         return "\n".join(parts)
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse can be seen
+    server: _ProxyServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        return
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        proxy = self.server
+        headers = {
+            name: value
+            for name, value in self.headers.items()
+            if name.lower() not in ("connection", "keep-alive", "host")
+        }
+        upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=30)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+            answer_headers = answer.getheaders()
+            status = answer.status
+        finally:
+            upstream.close()
+        with proxy.lock:
+            proxy.forwarded.append((self.command, self.path, body))
+            held = proxy.hold > 0
+            if held:
+                proxy.hold -= 1
+        if held:
+            time.sleep(proxy.delay)  # the platform has answered; the caller hears nothing
+        try:
+            self.send_response(status)
+            for name, value in answer_headers:
+                if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            self.close_connection = True  # the caller gave up waiting
+
+    do_GET = _forward  # noqa: N815 - the stdlib's names
+    do_POST = _forward  # noqa: N815
+
+
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    target_port: int
+    hold: int
+    delay: float
+    connections: int
+    forwarded: list[tuple[str, str, bytes | None]]
+    lock: threading.Lock
+
+
+class DelayingProxy:
+    """An HTTP proxy on loopback in front of ``target_port``. Every request is forwarded at
+    once; the answers to the first ``hold`` of them are held back ``delay`` seconds (the
+    platform has done its work, the caller times out). Counts the connections it accepted
+    and records what it forwarded."""
+
+    def __init__(self, target_port: int, *, hold: int = 0, delay: float = 0.0) -> None:
+        self.server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
+        self.server.target_port = target_port
+        self.server.hold = hold
+        self.server.delay = delay
+        self.server.connections = 0
+        self.server.forwarded = []
+        self.server.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @property
+    def connections(self) -> int:
+        return self.server.connections
+
+    @property
+    def forwarded(self) -> list[tuple[str, str, bytes | None]]:
+        return self.server.forwarded
+
+    def __enter__(self) -> DelayingProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

@@ -10,54 +10,21 @@ from __future__ import annotations
 import json
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import yaml
 
-from limits import engine
-from tests.api.live import (
-    REQUESTS_PER_HOUR,
-    TOKENS_PER_HOUR,
-    Gunicorn,
-    LiveWorld,
-    live_world_create,
-    live_world_delete,
-    new_prefix,
-)
+from tests.api.live import REQUESTS_PER_HOUR, TOKENS_PER_HOUR
+from tests.integrations.conftest import LIVE_IN_FLIGHT as IN_FLIGHT
 from tests.integrations.live import Nginx, call, nginx_binary
 from tests.processes import REPOSITORY, free_port
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
-IN_FLIGHT = 50
 NGINX_MISSING = (
     "nginx is not installed here and scripts/test could not install it (that needs apt-get "
     "as root or with password-less sudo); install the Debian package nginx to run this test"
 )
-
-
-@pytest.fixture(scope="module")
-def live_world(django_db_setup, django_db_blocker) -> Iterator[LiveWorld]:
-    prefix = new_prefix()
-    with django_db_blocker.unblock():
-        try:
-            yield live_world_create(prefix)
-        finally:
-            live_world_delete(prefix)
-            engine.reset_state()
-
-
-@pytest.fixture(scope="module")
-def platform(live_world, upstream_server, tmp_path_factory) -> Iterator[Gunicorn]:
-    gunicorn = Gunicorn(
-        tmp_path_factory.mktemp("gunicorn"),
-        prefix=live_world.prefix,
-        environ={"UPSTREAM_URL": upstream_server.url},
-    )
-    gunicorn.start()
-    yield gunicorn
-    gunicorn.stop()
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +39,6 @@ def nginx(platform, upstream_server, tmp_path_factory) -> Iterator[Nginx]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def user() -> str:
-    return f"user-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def fake(upstream_server):
-    return upstream_server.reset()
 
 
 def through_nginx(nginx, key, user, *, model="gpt-4o", tokens=100, stream=False):
