@@ -218,6 +218,7 @@ def test_the_envoy_example_points_ext_authz_at_the_platform():
     assert service["path_prefix"] == "/api/v1/authz"
     assert service["server_uri"]["cluster"] in clusters
     assert authz["failure_mode_allow"] is False
+    assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
     sent = {item.get("exact") for item in authz["allowed_headers"]["patterns"]}
     assert {"authorization", "x-quota-user", "x-quota-model", "x-quota-tokens"} <= sent
     response = service["authorization_response"]
