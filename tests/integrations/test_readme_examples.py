@@ -32,8 +32,7 @@ UPSTREAM = "http://127.0.0.1:8001/v1"
 
 
 def examples(text: str) -> dict[str, str]:
-    found = {name: code for name, _language, code in EXAMPLE.findall(text)}
-    return found
+    return {name: code for name, _language, code in EXAMPLE.findall(text)}
 
 
 def sources() -> list[tuple[str, dict[str, str]]]:
