@@ -1,7 +1,7 @@
 """Every example of "Four ways to put the platform in front of your models" runs: the ones in
 docs/integrations.md, and the README's copies of them once the README carries the section.
 
-Each example is the fenced block after a ``<!-- example: NAME -->`` line. The client and
+The section shows one code block per placement, in the order of ``NAMES``. The client and
 pass-through examples run against gunicorn (real PostgreSQL and Redis) with a fake
 inference server; the middleware example configures a Django project in this process; the
 nginx example must be an excerpt of examples/nginx.conf, which test_gateway runs in nginx."""
@@ -25,40 +25,44 @@ from tests.processes import REPOSITORY
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 SECTION = "Four ways to put the platform in front of your models"
-EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```(\w+)\n(.*?)\n```", re.DOTALL)
-NAMES = {"client", "middleware", "passthrough", "gateway"}
+NAMES = ("client", "middleware", "passthrough", "gateway")  # the order they are shown in
+FENCE = re.compile(r"^```(\w+)\n(.*?)\n```$", re.DOTALL | re.MULTILINE)
 PLATFORM = "http://127.0.0.1:8000"
 UPSTREAM = "http://127.0.0.1:8001/v1"
 
 
+def section(text: str) -> str | None:
+    """The section's text: from its heading to the next heading of the same level."""
+    found = re.search(rf"^(#+) {re.escape(SECTION)}\n(.*?)(?=^\1 |\Z)", text, re.S | re.M)
+    return found.group(2) if found else None
+
+
 def examples(text: str) -> dict[str, str]:
-    return {name: code for name, _language, code in EXAMPLE.findall(text)}
+    blocks = [code for _language, code in FENCE.findall(text)]
+    assert len(blocks) == len(NAMES), f"{len(blocks)} code blocks, not one per placement"
+    return dict(zip(NAMES, blocks, strict=True))
 
 
-def sources() -> list[tuple[str, dict[str, str]]]:
-    docs = examples((REPOSITORY / "docs" / "integrations.md").read_text())
-    found = [("docs/integrations.md", docs)]
-    readme = (REPOSITORY / "README.md").read_text()
-    if SECTION in readme:
-        found.append(("README.md", examples(readme)))
+def sources() -> list[tuple[str, str]]:
+    found = [("docs/integrations.md", (REPOSITORY / "docs" / "integrations.md").read_text())]
+    readme = section((REPOSITORY / "README.md").read_text())
+    if readme is not None:
+        found.append(("README.md", readme))
     return found
 
 
-SOURCES = sources()
+SOURCES = dict(sources())
 
 
-@pytest.fixture(params=[name for name, _ in SOURCES])
+@pytest.fixture(params=list(SOURCES))
 def example(request) -> dict[str, str]:
-    found = dict(SOURCES)[request.param]
-    assert set(found) == NAMES, f"{request.param} has the examples {sorted(found)}"
-    return found
+    return examples(SOURCES[request.param])
 
 
 def test_the_readme_carries_the_same_examples_as_the_docs():
-    readme = (REPOSITORY / "README.md").read_text()
-    if SECTION not in readme:
+    if "README.md" not in SOURCES:
         pytest.skip(f"README.md has no section {SECTION!r} yet; docs/integrations.md has it")
-    assert examples(readme) == dict(SOURCES)["docs/integrations.md"]
+    assert examples(SOURCES["README.md"]) == examples(SOURCES["docs/integrations.md"])
 
 
 def test_every_example_is_five_lines(example):
