@@ -1,0 +1,1074 @@
+"""The drain: usage events from the limiter's streams into Postgres, exactly once.
+
+The engine appends one entry per allowed check (``k=check``) and one per commit
+(``k=commit``) to the tenant's stream ``<prefix>:{t:<tenant>}:events``, in the same Lua call
+that consumes the quota, and counts denied checks per hour and model in the hash
+``<prefix>:{t:<tenant>}:denied``. A drain cycle:
+
+1. reads a batch with ``XREADGROUP`` (consumer group ``billing``, created with ``MKSTREAM``),
+   after taking over with ``XAUTOCLAIM`` what a consumer that died had read but never
+   acknowledged (idle longer than ``BILLING_CLAIM_IDLE_SECONDS``);
+2. writes it in one transaction: new checks are inserted with ``ON CONFLICT DO NOTHING`` on
+   (tenant, stream entry id) (``COPY`` into a temporary table first on PostgreSQL); commits
+   amend their check; the rollups get exactly the rows that were inserted or amended; denied
+   counts are stored as the absolute values Redis holds;
+3. acknowledges the batch only after that transaction committed (``XACK``), then trims the
+   stream below the oldest entry that is still pending (``XTRIM MINID``).
+
+A drain killed anywhere leaves its batch pending: the next one claims and writes it again,
+the unique key turns the repeat into nothing, and the rollups move only with rows that were
+really written. Every ledger write holds the ``drain`` row of ``LedgerState``, so two drains
+(or a drain and a rollup check) never interleave.
+
+With the in-process limiter (``QUOTA_BACKEND = "local"``, the embedded default) the same
+entries come from ``engine.local_backend().events`` in this process instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+
+from billing.models import (
+    NO_PRICE,
+    DailyRollup,
+    DailyUserRollup,
+    HourlyRollup,
+    LedgerState,
+    ModelPrice,
+    PendingCommit,
+    Statement,
+    StatementAdjustment,
+    UsageEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+GROUP = "billing"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+HOUR_US = 3_600_000_000
+ZERO = Decimal(0)
+THOUSAND_TH = Decimal("0.001")
+# Pending commits retried per cycle; more wait for the next one.
+PENDING_PER_WRITE = 5000
+# Tenant streams asked per pipeline round trip.
+STREAMS_PER_ROUND = 50
+
+
+def from_us(at_us: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(microseconds=at_us)
+
+
+def to_us(moment: dt.datetime) -> int:
+    delta = moment - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def hour_of(at_us: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(hours=at_us // HOUR_US)
+
+
+def month_of(day: dt.date) -> dt.date:
+    return day.replace(day=1)
+
+
+def next_month(month: dt.date) -> dt.date:
+    return (month + dt.timedelta(days=32)).replace(day=1)
+
+
+# -- entries ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One usage stream entry: a check or a commit."""
+
+    tenant_id: int
+    entry_id: str
+    kind: str
+    data: dict[str, Any]
+    at_us: int
+
+
+def entry_parse(tenant_id: int, entry_id: str, fields: dict[str, str]) -> Entry | None:
+    """An entry as the engine wrote it; None (logged) for one that is not."""
+    try:
+        kind = fields["k"]
+        data = json.loads(fields["e"])
+        at_us = int(fields["t"])
+        if kind not in ("check", "commit") or not isinstance(data, dict):
+            raise ValueError(kind)
+        str(data["request_id"])
+        if kind == "check":
+            int(data["tokens"])
+        else:
+            int(data["input_tokens"]), int(data["output_tokens"])
+    except (KeyError, TypeError, ValueError) as error:
+        logger.error(
+            "billing: skipping malformed usage entry %s of tenant %s (%r): %s",
+            entry_id,
+            tenant_id,
+            fields,
+            error,
+        )
+        return None
+    return Entry(tenant_id, entry_id, kind, data, at_us)
+
+
+@dataclass
+class Batch:
+    """What one read returned, and what its source needs to acknowledge it."""
+
+    entries: list[Entry] = field(default_factory=list)
+    # tenant -> {"<hour>|<model>": denied checks}, the counters' current absolute values
+    denied: dict[int, dict[str, int]] = field(default_factory=dict)
+    # tenant -> entry ids read (acknowledged after the write)
+    ids: dict[int, list[str]] = field(default_factory=dict)
+    local_count: int = 0
+    complete_round: bool = True  # every tenant was asked
+
+
+# -- sources -----------------------------------------------------------------------------
+def _tenant_ids() -> list[int]:
+    from limits.models import Tenant
+
+    return list(Tenant.objects.order_by("id").values_list("id", flat=True))
+
+
+def stream_key(tenant_id: int) -> str:
+    from limits.engine import tenant_tag
+
+    return f"{tenant_tag(tenant_id)}:events"
+
+
+def denied_key(tenant_id: int) -> str:
+    from limits.engine import tenant_tag
+
+    return f"{tenant_tag(tenant_id)}:denied"
+
+
+class RedisSource:
+    """Reads the tenants' usage streams in Redis through the consumer group ``billing``."""
+
+    def __init__(self, url: str | None = None, *, consumer: str | None = None) -> None:
+        self.client = redis.Redis.from_url(
+            url or settings.REDIS_URL,
+            decode_responses=True,
+            socket_timeout=30,
+            socket_connect_timeout=5,
+        )
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._grouped: set[str] = set()
+        self._offset = 0
+        self._denied_seen: dict[int, dict[str, int]] = {}
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _ensure_groups(self, keys: Iterable[str]) -> None:
+        missing = [key for key in keys if key not in self._grouped]
+        if not missing:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in missing:
+            # From id 0: entries written before the group existed are read too.
+            pipe.xgroup_create(key, GROUP, id="0", mkstream=True)
+        for key, result in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+                raise result
+            self._grouped.add(key)
+
+    def read(self, count: int) -> Batch:
+        tenants = _tenant_ids()
+        batch = Batch()
+        if not tenants:
+            return batch
+        start = self._offset % len(tenants)
+        order = tenants[start:] + tenants[:start]
+        idle_ms = int(settings.BILLING_CLAIM_IDLE_SECONDS * 1000)
+        visited = 0
+        total = 0
+        for first in range(0, len(order), STREAMS_PER_ROUND):
+            chunk = order[first : first + STREAMS_PER_ROUND]
+            keys = [stream_key(tenant) for tenant in chunk]
+            self._ensure_groups(keys)
+            pipe = self.client.pipeline(transaction=False)
+            for tenant, key in zip(chunk, keys, strict=True):
+                pipe.xautoclaim(key, GROUP, self.consumer, idle_ms, start_id="0-0", count=count)
+                pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=count)
+                pipe.hgetall(denied_key(tenant))
+            results = pipe.execute(raise_on_error=False)
+            for index, tenant in enumerate(chunk):
+                claimed, fresh, denied = results[3 * index : 3 * index + 3]
+                for result in (claimed, fresh, denied):
+                    if isinstance(result, Exception):
+                        if "NOGROUP" in str(result):
+                            self._grouped.discard(keys[index])  # the stream was deleted
+                            continue
+                        raise result
+                raw: list[tuple[str, dict[str, str]]] = []
+                if isinstance(claimed, list) and len(claimed) > 1:
+                    raw.extend(item for item in claimed[1] if item and item[1] is not None)
+                if isinstance(fresh, list):
+                    for _stream, items in fresh:
+                        raw.extend(items)
+                if raw:
+                    batch.ids[tenant] = [entry_id for entry_id, _ in raw]
+                for entry_id, fields in raw:
+                    entry = entry_parse(tenant, entry_id, fields)
+                    if entry is not None:
+                        batch.entries.append(entry)
+                total += len(raw)
+                if isinstance(denied, dict) and denied:
+                    counts = {name: int(value) for name, value in denied.items()}
+                    if counts != self._denied_seen.get(tenant):
+                        batch.denied[tenant] = counts
+            visited += len(chunk)
+            if total >= count:
+                break
+        self._offset = start + visited
+        batch.complete_round = visited == len(order)
+        return batch
+
+    def ack(self, batch: Batch) -> None:
+        """Acknowledge a written batch, trim below what is acknowledged, and drop denied
+        counters of hours that can no longer grow."""
+        touched = [tenant for tenant, ids in batch.ids.items() if ids]
+        if touched:
+            pipe = self.client.pipeline(transaction=False)
+            for tenant in touched:
+                pipe.xack(stream_key(tenant), GROUP, *batch.ids[tenant])
+            pipe.execute()
+            self._trim(touched)
+        for tenant, counts in batch.denied.items():
+            self._denied_seen[tenant] = counts
+        self._forget_old_denied(batch.denied)
+
+    def _trim(self, tenants: Sequence[int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.xpending(stream_key(tenant), GROUP)
+            pipe.xinfo_groups(stream_key(tenant))
+        results = pipe.execute(raise_on_error=False)
+        pipe = self.client.pipeline(transaction=False)
+        for index, tenant in enumerate(tenants):
+            pending, groups = results[2 * index], results[2 * index + 1]
+            if isinstance(pending, Exception) or isinstance(groups, Exception):
+                continue
+            ours = [group for group in groups if group["name"] == GROUP]
+            if not ours:
+                continue
+            last = str(ours[0]["last-delivered-id"])
+            if pending["pending"]:
+                # Everything older than the oldest pending entry is acknowledged.
+                threshold = str(pending["min"])
+            else:
+                milliseconds, sequence = last.split("-")
+                threshold = f"{milliseconds}-{int(sequence) + 1}"
+            pipe.xtrim(stream_key(tenant), minid=threshold, approximate=False)
+        pipe.execute(raise_on_error=False)
+
+    def _forget_old_denied(self, denied: dict[int, dict[str, int]]) -> None:
+        """Counters of hours two or more before the newest counted hour never change
+        again (the limiter counts in Redis time) and are stored: drop them."""
+        pipe = self.client.pipeline(transaction=False)
+        queued = False
+        for tenant, counts in denied.items():
+            hours = {name: int(name.split("|", 1)[0]) for name in counts}
+            newest = max(hours.values(), default=0)
+            old = [name for name, hour in hours.items() if hour <= newest - 2]
+            if old:
+                pipe.hdel(denied_key(tenant), *old)
+                queued = True
+                seen = self._denied_seen.get(tenant)
+                if seen is not None:
+                    for name in old:
+                        seen.pop(name, None)
+        if queued:
+            pipe.execute()
+
+    def backlog(self) -> int:
+        """Entries waiting in every tenant's stream: not yet read, or read and pending."""
+        total = 0
+        tenants = _tenant_ids()
+        for first in range(0, len(tenants), STREAMS_PER_ROUND):
+            keys = [stream_key(tenant) for tenant in tenants[first : first + STREAMS_PER_ROUND]]
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.xinfo_groups(key)
+            for result in pipe.execute(raise_on_error=False):
+                if isinstance(result, Exception):
+                    continue
+                for group in result:
+                    if group["name"] == GROUP:
+                        total += int(group.get("lag") or 0) + int(group["pending"])
+        return total
+
+
+class LocalSource:
+    """The in-process limiter's events (the embedded default): this process's own."""
+
+    def __init__(self) -> None:
+        from limits import engine
+
+        self.backend = engine.local_backend()
+        self._denied_seen: dict[int, dict[str, int]] = {}
+
+    def close(self) -> None:
+        pass
+
+    def read(self, count: int) -> Batch:
+        batch = Batch()
+        taken = self.backend.events[:count]
+        batch.local_count = len(taken)
+        for raw in taken:
+            try:
+                tenant = int(json.loads(raw["e"])["tenant"])
+            except (KeyError, TypeError, ValueError):
+                tenant = 0
+            entry = entry_parse(tenant, f"L{uuid.uuid4().hex}", raw)
+            if entry is not None:
+                batch.entries.append(entry)
+        for tenant in _tenant_ids():
+            counts = self.backend.counters(denied_key(tenant))
+            if counts and counts != self._denied_seen.get(tenant):
+                batch.denied[tenant] = {name: int(value) for name, value in counts.items()}
+        return batch
+
+    def ack(self, batch: Batch) -> None:
+        # Only this drain removes events, and only from the front: appends go to the end.
+        del self.backend.events[: batch.local_count]
+        for tenant, counts in batch.denied.items():
+            self._denied_seen[tenant] = counts
+
+    def backlog(self) -> int:
+        return len(self.backend.events)
+
+
+def source_default() -> RedisSource | LocalSource:
+    if settings.QUOTA_BACKEND == "redis":
+        return RedisSource()
+    return LocalSource()
+
+
+# -- prices ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Price:
+    id: int
+    input_per_1k: Decimal
+    output_per_1k: Decimal
+    valid_from_us: int
+    valid_until_us: int | None
+
+    def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
+        return (input_tokens * self.input_per_1k + output_tokens * self.output_per_1k) * THOUSAND_TH
+
+
+UNPRICED = Price(NO_PRICE, ZERO, ZERO, 0, None)
+
+
+class PriceBook:
+    """Every model's price history, to price usage at the moment it happened."""
+
+    def __init__(self, rows: Iterable[ModelPrice]) -> None:
+        self._starts: dict[str, list[int]] = defaultdict(list)
+        self._prices: dict[str, list[Price]] = defaultdict(list)
+        for row in sorted(rows, key=lambda row: (row.model_id, row.valid_from)):
+            self._add(row)
+
+    def _add(self, row: ModelPrice) -> None:
+        price = Price(
+            row.pk,
+            row.input_price_per_1k,
+            row.output_price_per_1k,
+            to_us(row.valid_from),
+            None if row.valid_until is None else to_us(row.valid_until),
+        )
+        self._starts[row.model_id].append(price.valid_from_us)
+        self._prices[row.model_id].append(price)
+
+    @classmethod
+    def load(cls, model_ids: Iterable[str]) -> PriceBook:
+        from billing.services import model_price_seed
+
+        wanted = set(model_ids)
+        book = cls(ModelPrice.objects.filter(model_id__in=wanted))
+        for model_id in wanted - set(book._prices):
+            # A model priced before billing kept a history (or written around the
+            # services): its current price has applied since the beginning.
+            seeded = model_price_seed(model_id=model_id)
+            if seeded is not None:
+                book._add(seeded)
+        return book
+
+    def at(self, model_id: str, at_us: int) -> Price:
+        starts = self._starts.get(model_id)
+        if not starts:
+            return UNPRICED
+        index = bisect.bisect_right(starts, at_us) - 1
+        if index < 0:
+            index = 0  # before the first known price: the first price
+        return self._prices[model_id][index]
+
+
+# -- the ledger write --------------------------------------------------------------------
+@dataclass
+class WriteReport:
+    read: int = 0
+    inserted: int = 0
+    amended: int = 0
+    duplicates: int = 0
+    pending_commits: int = 0
+    denied_buckets: int = 0
+    adjustments: int = 0
+    hours: set[tuple[int, dt.datetime]] = field(default_factory=set)
+
+    def add(self, other: WriteReport) -> None:
+        self.read += other.read
+        self.inserted += other.inserted
+        self.amended += other.amended
+        self.duplicates += other.duplicates
+        self.pending_commits = other.pending_commits
+        self.denied_buckets += other.denied_buckets
+        self.adjustments += other.adjustments
+        self.hours |= other.hours
+
+
+EVENT_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "request_id",
+    "api_key_id",
+    "user_id",
+    "model_id",
+    "policy_version",
+    "occurred_at",
+    "estimated_tokens",
+    "input_tokens",
+    "output_tokens",
+    "status",
+    "committed_at",
+    "commit_event_id",
+    "billed_input_tokens",
+    "billed_output_tokens",
+    "is_estimate",
+    "price_id",
+    "cost",
+)
+
+
+@dataclass
+class _Row:
+    """A usage event row being written, with what the rollups need to know."""
+
+    tenant_id: int
+    event_id: str
+    request_id: str
+    api_key_id: int | None
+    user_id: str
+    model_id: str
+    policy_version: int
+    at_us: int
+    estimated_tokens: int
+    price: Price
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    status: str = ""
+    committed_at_us: int | None = None
+    commit_event_id: str = ""
+
+    @property
+    def billed(self) -> tuple[int, int, bool]:
+        if self.input_tokens is None or self.output_tokens is None:
+            # Never reported: billed as its estimate, counted as input tokens.
+            return self.estimated_tokens, 0, True
+        return self.input_tokens, self.output_tokens, False
+
+    @property
+    def cost(self) -> Decimal:
+        billed_input, billed_output, _ = self.billed
+        return self.price.cost(billed_input, billed_output)
+
+    def values(self) -> tuple[Any, ...]:
+        billed_input, billed_output, is_estimate = self.billed
+        return (
+            self.tenant_id,
+            self.event_id,
+            self.request_id,
+            self.api_key_id,
+            self.user_id,
+            self.model_id,
+            self.policy_version,
+            from_us(self.at_us),
+            self.estimated_tokens,
+            self.input_tokens,
+            self.output_tokens,
+            self.status,
+            None if self.committed_at_us is None else from_us(self.committed_at_us),
+            self.commit_event_id,
+            billed_input,
+            billed_output,
+            is_estimate,
+            self.price.id,
+            self.cost,
+        )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _row_from_check(entry: Entry, prices: PriceBook) -> _Row:
+    data = entry.data
+    model_id = str(data.get("model") or "")
+    return _Row(
+        tenant_id=entry.tenant_id,
+        event_id=entry.entry_id,
+        request_id=str(data["request_id"]),
+        api_key_id=_int_or_none(data.get("key")),
+        user_id=str(data.get("user") or ""),
+        model_id=model_id,
+        policy_version=int(data.get("version") or 0),
+        at_us=entry.at_us,
+        estimated_tokens=max(0, int(data["tokens"])),
+        price=prices.at(model_id, entry.at_us),
+    )
+
+
+def _settle(row: _Row, commit: Entry) -> None:
+    row.input_tokens = max(0, int(commit.data["input_tokens"]))
+    row.output_tokens = max(0, int(commit.data["output_tokens"]))
+    row.status = str(commit.data.get("status") or "ok")[:16]
+    row.committed_at_us = commit.at_us
+    row.commit_event_id = commit.entry_id
+
+
+class RollupDeltas:
+    """What one write adds to each rollup, keyed by bucket."""
+
+    def __init__(self) -> None:
+        # (hour, tenant, model, price) -> [requests, input, output, estimated, cost]
+        self.hourly: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, 0, ZERO])
+        # (day, tenant, model) -> [requests, denied, input, output, estimated, cost]
+        self.daily: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, 0, 0, ZERO])
+        # (day, tenant, user) -> [requests, input, output, cost]
+        self.users: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, ZERO])
+
+    def add(
+        self,
+        row: _Row,
+        requests: int,
+        input_tokens: int,
+        output_tokens: int,
+        estimated: int,
+        cost: Decimal,
+    ) -> None:
+        hour = hour_of(row.at_us)
+        day = hour.date()
+        hourly = self.hourly[(hour, row.tenant_id, row.model_id, row.price.id)]
+        hourly[0] += requests
+        hourly[1] += input_tokens
+        hourly[2] += output_tokens
+        hourly[3] += estimated
+        hourly[4] += cost
+        daily = self.daily[(day, row.tenant_id, row.model_id)]
+        daily[0] += requests
+        daily[2] += input_tokens
+        daily[3] += output_tokens
+        daily[4] += estimated
+        daily[5] += cost
+        users = self.users[(day, row.tenant_id, row.user_id)]
+        users[0] += requests
+        users[1] += input_tokens
+        users[2] += output_tokens
+        users[3] += cost
+
+
+def ledger_lock() -> None:
+    """Take the ledger's write lock for the rest of the current transaction."""
+    LedgerState.objects.get_or_create(name="drain")
+    LedgerState.objects.select_for_update().filter(name="drain").first()
+
+
+def ledger_write(entries: Sequence[Entry], denied: dict[int, dict[str, int]]) -> WriteReport:
+    """Write one batch of stream entries and denied counts, with their rollups, in one
+    transaction. Writing the same batch again changes nothing."""
+    report = WriteReport(read=len(entries))
+    checks: dict[tuple[int, str], Entry] = {}
+    commits: dict[tuple[int, str], Entry] = {}
+    for entry in entries:
+        target = checks if entry.kind == "check" else commits
+        target[(entry.tenant_id, entry.entry_id)] = entry
+
+    with transaction.atomic():
+        ledger_lock()
+        pending = list(PendingCommit.objects.order_by("occurred_at", "id")[:PENDING_PER_WRITE])
+        pending_keys: dict[tuple[int, str], int] = {}
+        for item in pending:
+            key = (item.tenant_id, item.event_id)
+            pending_keys[key] = item.pk
+            if key not in commits:
+                commits[key] = Entry(
+                    item.tenant_id, item.event_id, "commit", item.payload, to_us(item.occurred_at)
+                )
+        prices = PriceBook.load({str(entry.data.get("model") or "") for entry in checks.values()})
+        rows = {key: _row_from_check(entry, prices) for key, entry in checks.items()}
+
+        # A commit settles the latest check of its request at or before it; in this batch
+        # when the check is here (even after the commit), else in the database.
+        in_batch: dict[tuple[int, str], list[_Row]] = defaultdict(list)
+        for row in rows.values():
+            in_batch[(row.tenant_id, row.request_id)].append(row)
+        for candidates in in_batch.values():
+            candidates.sort(key=lambda row: (row.at_us, row.event_id))
+        merged: dict[tuple[int, str], Entry] = {}  # check key -> its commit
+        unmatched: list[Entry] = []
+        for entry in sorted(commits.values(), key=lambda entry: entry.at_us):
+            candidates = in_batch.get((entry.tenant_id, str(entry.data["request_id"])), [])
+            row = _latest_at_or_before(candidates, entry.at_us)
+            if row is not None and not row.commit_event_id:
+                _settle(row, entry)
+                merged[(row.tenant_id, row.event_id)] = entry
+            else:
+                unmatched.append(entry)
+
+        inserted = _insert_events(list(rows.values()))
+        report.inserted = len(inserted)
+        report.duplicates = len(rows) - len(inserted)
+        for key, entry in merged.items():
+            if key not in inserted:
+                unmatched.append(entry)  # the check was written before: amend it there
+
+        deltas = RollupDeltas()
+        for key in inserted:
+            row = rows[key]
+            billed_input, billed_output, is_estimate = row.billed
+            deltas.add(row, 1, billed_input, billed_output, int(is_estimate), row.cost)
+            report.hours.add((row.tenant_id, hour_of(row.at_us)))
+
+        amended, orphans, settled_before = _amend_events(unmatched, prices, deltas, report)
+        report.amended = len(amended)
+
+        settled = {
+            (entry.tenant_id, entry.entry_id)
+            for entry in [*merged.values(), *(commit for commit, _ in amended), *settled_before]
+        }
+        applied_pending = [pk for key, pk in pending_keys.items() if key in settled]
+        if applied_pending:
+            PendingCommit.objects.filter(pk__in=applied_pending).delete()
+        new_orphans = [
+            PendingCommit(
+                tenant_id=entry.tenant_id,
+                event_id=entry.entry_id,
+                request_id=str(entry.data["request_id"]),
+                occurred_at=from_us(entry.at_us),
+                payload=entry.data,
+            )
+            for entry in orphans
+            if (entry.tenant_id, entry.entry_id) not in pending_keys
+        ]
+        PendingCommit.objects.bulk_create(new_orphans, ignore_conflicts=True)
+        report.pending_commits = len(pending) - len(applied_pending) + len(new_orphans)
+
+        report.denied_buckets = _store_denied(denied, deltas)
+        report.adjustments = _adjust_finalised([rows[key] for key in inserted], amended, report)
+        _apply(deltas)
+    return report
+
+
+def _latest_at_or_before(candidates: list[_Row], at_us: int) -> _Row | None:
+    found = None
+    for row in candidates:
+        if row.at_us <= at_us:
+            found = row
+    if found is None and candidates:
+        # Clocks agree within a script call; a commit stamped before its check can only
+        # come from a moved test clock. The request id still names the check.
+        found = candidates[-1]
+    return found
+
+
+def _insert_events(rows: list[_Row]) -> set[tuple[int, str]]:
+    """Insert rows whose (tenant, event id) is new; returns the keys inserted."""
+    if not rows:
+        return set()
+    table = UsageEvent._meta.db_table
+    columns = ", ".join(EVENT_COLUMNS)
+    inserted: set[tuple[int, str]] = set()
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS billing_incoming_event "  # noqa: S608
+                f"ON COMMIT DELETE ROWS AS SELECT {columns} FROM {table} WITH NO DATA"
+            )
+            with cursor.cursor.copy(
+                f"COPY billing_incoming_event ({columns}) FROM STDIN"  # noqa: S608
+            ) as copy:
+                for row in rows:
+                    copy.write_row(row.values())
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) SELECT {columns} "  # noqa: S608
+                f"FROM billing_incoming_event ON CONFLICT (tenant_id, event_id) DO NOTHING "
+                f"RETURNING tenant_id, event_id"
+            )
+            inserted.update((int(tenant), str(event)) for tenant, event in cursor.fetchall())
+            cursor.execute("TRUNCATE billing_incoming_event")
+            return inserted
+        fields = [UsageEvent._meta.get_field(name) for name in _field_names(EVENT_COLUMNS)]
+        placeholders = "(" + ", ".join(["%s"] * len(EVENT_COLUMNS)) + ")"
+        chunk = max(1, 30000 // len(EVENT_COLUMNS))
+        for first in range(0, len(rows), chunk):
+            part = rows[first : first + chunk]
+            params: list[Any] = []
+            for row in part:
+                params.extend(
+                    model_field.get_db_prep_save(value, connection)
+                    for model_field, value in zip(fields, row.values(), strict=True)
+                )
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) VALUES "  # noqa: S608
+                + ", ".join([placeholders] * len(part))
+                + " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id",
+                params,
+            )
+            inserted.update((int(tenant), str(event)) for tenant, event in cursor.fetchall())
+    return inserted
+
+
+def _field_names(columns: Iterable[str]) -> list[str]:
+    return ["tenant" if column == "tenant_id" else column for column in columns]
+
+
+def _amend_events(
+    commits: list[Entry], prices: PriceBook, deltas: RollupDeltas, report: WriteReport
+) -> tuple[list[tuple[Entry, _Row]], list[Entry], list[Entry]]:
+    """Settle stored checks with their commits. Returns (commit, amended row) pairs, the
+    commits whose check is not stored yet, and those that had been applied before."""
+    if not commits:
+        return [], [], []
+    wanted: dict[int, set[str]] = defaultdict(set)
+    for entry in commits:
+        wanted[entry.tenant_id].add(str(entry.data["request_id"]))
+    stored: dict[tuple[int, str], list[UsageEvent]] = defaultdict(list)
+    for tenant_id, request_ids in wanted.items():
+        ordered = sorted(request_ids)
+        for first in range(0, len(ordered), 1000):
+            for event in UsageEvent.objects.filter(
+                tenant_id=tenant_id, request_id__in=ordered[first : first + 1000]
+            ).order_by("occurred_at", "id"):
+                stored[(event.tenant_id, event.request_id)].append(event)
+
+    amended: list[tuple[Entry, _Row]] = []
+    orphans: list[Entry] = []
+    settled_before: list[Entry] = []
+    updates: list[UsageEvent] = []
+    for entry in sorted(commits, key=lambda entry: entry.at_us):
+        candidates = stored.get((entry.tenant_id, str(entry.data["request_id"])), [])
+        event = None
+        for candidate in candidates:
+            if to_us(candidate.occurred_at) <= entry.at_us:
+                event = candidate
+        if event is None and candidates:
+            event = candidates[-1]
+        if event is None:
+            orphans.append(entry)
+            continue
+        if event.commit_event_id:
+            settled_before.append(entry)
+            if event.commit_event_id != entry.entry_id:
+                logger.warning(
+                    "billing: request %s of tenant %s was already settled by %s; ignoring %s",
+                    event.request_id,
+                    event.tenant_id,
+                    event.commit_event_id,
+                    entry.entry_id,
+                )
+            continue
+        row = _Row(
+            tenant_id=event.tenant_id,
+            event_id=event.event_id,
+            request_id=event.request_id,
+            api_key_id=event.api_key_id,
+            user_id=event.user_id,
+            model_id=event.model_id,
+            policy_version=event.policy_version,
+            at_us=to_us(event.occurred_at),
+            estimated_tokens=event.estimated_tokens,
+            price=_price_of(event, prices),
+        )
+        old_input, old_output, old_estimate = (
+            event.billed_input_tokens,
+            event.billed_output_tokens,
+            event.is_estimate,
+        )
+        old_cost = event.cost
+        _settle(row, entry)
+        new_input, new_output, new_estimate = row.billed
+        new_cost = row.cost
+        deltas.add(
+            row,
+            0,
+            new_input - old_input,
+            new_output - old_output,
+            int(new_estimate) - int(old_estimate),
+            new_cost - old_cost,
+        )
+        event.input_tokens = row.input_tokens
+        event.output_tokens = row.output_tokens
+        event.status = row.status
+        event.committed_at = from_us(entry.at_us)
+        event.commit_event_id = entry.entry_id
+        event.billed_input_tokens = new_input
+        event.billed_output_tokens = new_output
+        event.is_estimate = new_estimate
+        event.cost = new_cost
+        updates.append(event)
+        amended.append((entry, row))
+        report.hours.add((row.tenant_id, hour_of(row.at_us)))
+    if updates:
+        UsageEvent.objects.bulk_update(
+            updates,
+            [
+                "input_tokens",
+                "output_tokens",
+                "status",
+                "committed_at",
+                "commit_event_id",
+                "billed_input_tokens",
+                "billed_output_tokens",
+                "is_estimate",
+                "cost",
+            ],
+            batch_size=500,
+        )
+    return amended, orphans, settled_before
+
+
+def _price_of(event: UsageEvent, prices: PriceBook) -> Price:
+    """The price the event was first billed at (kept, so a later price change never
+    reprices it)."""
+    found = prices.at(event.model_id, to_us(event.occurred_at))
+    if found.id == event.price_id:
+        return found
+    row = ModelPrice.objects.filter(pk=event.price_id).first()
+    if row is None:
+        return UNPRICED
+    return Price(row.pk, row.input_price_per_1k, row.output_price_per_1k, 0, None)
+
+
+def _store_denied(denied: dict[int, dict[str, int]], deltas: RollupDeltas) -> int:
+    """Store denied counters as absolute values; a counter only grows, so storing the
+    larger of the two makes a repeat (or an older read) change nothing."""
+    wanted: dict[tuple[dt.datetime, int, str], int] = {}
+    for tenant_id, counts in denied.items():
+        for name, count in counts.items():
+            hour_text, _, model_id = name.partition("|")
+            try:
+                hour = EPOCH + dt.timedelta(hours=int(hour_text))
+            except ValueError:
+                continue
+            wanted[(hour, tenant_id, model_id)] = int(count)
+    if not wanted:
+        return 0
+    existing: dict[tuple[dt.datetime, int, str], int] = {}
+    hours = {key[0] for key in wanted}
+    for hour, tenant_id, model_id, stored in HourlyRollup.objects.filter(
+        price_id=NO_PRICE,
+        hour__in=hours,
+        tenant_id__in={key[1] for key in wanted},
+    ).values_list("hour", "tenant_id", "model_id", "denied"):
+        existing[(hour, tenant_id, model_id)] = stored
+    changed = []
+    for key, count in wanted.items():
+        before = existing.get(key, 0)
+        if count > before:
+            changed.append((*key, NO_PRICE, count))
+            deltas.daily[(key[0].date(), key[1], key[2])][1] += count - before
+    rollup_upsert(
+        HourlyRollup,
+        ("hour", "tenant_id", "model_id", "price_id"),
+        ("denied",),
+        changed,
+        add=False,
+    )
+    return len(changed)
+
+
+def _adjust_finalised(
+    inserted: list[_Row], amended: list[tuple[Entry, _Row]], report: WriteReport
+) -> int:
+    """Usage of a month whose statement was already sent lands on the next open one."""
+    touched: dict[tuple[int, dt.date], list[tuple[str, _Row]]] = defaultdict(list)
+    for row in inserted:
+        touched[(row.tenant_id, month_of(from_us(row.at_us).date()))].append(("event", row))
+    for _entry, row in amended:
+        touched[(row.tenant_id, month_of(from_us(row.at_us).date()))].append(("commit", row))
+    if not touched:
+        return 0
+    tenants = {tenant for tenant, _ in touched}
+    oldest = min(month for _, month in touched)
+    finalised: dict[int, set[dt.date]] = defaultdict(set)
+    for tenant_id, month in Statement.objects.filter(
+        tenant_id__in=tenants, month__gte=oldest
+    ).values_list("tenant_id", "month"):
+        finalised[tenant_id].add(month)
+    adjustments = []
+    for (tenant_id, month), items in touched.items():
+        if month not in finalised[tenant_id]:
+            continue
+        landing = next_month(month)
+        while landing in finalised[tenant_id]:
+            landing = next_month(landing)
+        for kind, row in items:
+            adjustments.append(_adjustment(kind, row, month, landing))
+    StatementAdjustment.objects.bulk_create(adjustments, ignore_conflicts=True)
+    return len(adjustments)
+
+
+def _adjustment(kind: str, row: _Row, month: dt.date, landing: dt.date) -> StatementAdjustment:
+    billed_input, billed_output, is_estimate = row.billed
+    if kind == "commit":
+        # What the commit changed: the actuals less the estimate that was billed.
+        estimate_cost = row.price.cost(row.estimated_tokens, 0)
+        input_tokens = billed_input - row.estimated_tokens
+        output_tokens = billed_output
+        cost = row.cost - estimate_cost
+    else:
+        input_tokens, output_tokens, cost = billed_input, billed_output, row.cost
+    return StatementAdjustment(
+        tenant_id=row.tenant_id,
+        event_id=row.event_id,
+        kind=kind,
+        request_id=row.request_id,
+        model_id=row.model_id,
+        usage_month=month,
+        statement_month=landing,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost,
+    )
+
+
+def rollup_upsert(
+    model: Any,
+    keys: Sequence[str],
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    add: bool,
+) -> None:
+    """INSERT … ON CONFLICT (keys) DO UPDATE: add to the stored values, or replace them."""
+    if not rows:
+        return
+    table = model._meta.db_table
+    names = [*keys, *columns]
+    fields = [model._meta.get_field(name) for name in _field_names(names)]
+    if add:
+        assignments = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in columns)
+    else:
+        assignments = ", ".join(f"{name} = excluded.{name}" for name in columns)
+    placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
+    chunk = max(1, 30000 // len(names))
+    with connection.cursor() as cursor:
+        for first in range(0, len(rows), chunk):
+            part = rows[first : first + chunk]
+            params: list[Any] = []
+            for row in part:
+                params.extend(
+                    model_field.get_db_prep_save(value, connection)
+                    for model_field, value in zip(fields, row, strict=True)
+                )
+            cursor.execute(
+                f"INSERT INTO {table} ({', '.join(names)}) VALUES "  # noqa: S608
+                + ", ".join([placeholders] * len(part))
+                + f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {assignments}",
+                params,
+            )
+
+
+def _apply(deltas: RollupDeltas) -> None:
+    rollup_upsert(
+        HourlyRollup,
+        ("hour", "tenant_id", "model_id", "price_id"),
+        ("requests", "input_tokens", "output_tokens", "estimated_requests", "cost"),
+        [(*key, *values) for key, values in deltas.hourly.items()],
+        add=True,
+    )
+    rollup_upsert(
+        DailyRollup,
+        ("day", "tenant_id", "model_id"),
+        ("requests", "denied", "input_tokens", "output_tokens", "estimated_requests", "cost"),
+        [(*key, *values) for key, values in deltas.daily.items()],
+        add=True,
+    )
+    rollup_upsert(
+        DailyUserRollup,
+        ("day", "tenant_id", "user_id"),
+        ("requests", "input_tokens", "output_tokens", "cost"),
+        [(*key, *values) for key, values in deltas.users.items()],
+        add=True,
+    )
+
+
+# -- the drain ---------------------------------------------------------------------------
+@dataclass
+class DrainReport:
+    batches: int = 0
+    written: WriteReport = field(default_factory=WriteReport)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "read": self.written.read,
+            "inserted": self.written.inserted,
+            "amended": self.written.amended,
+            "duplicates": self.written.duplicates,
+            "pending_commits": self.written.pending_commits,
+            "denied_buckets": self.written.denied_buckets,
+            "adjustments": self.written.adjustments,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def drain(
+    *,
+    source: RedisSource | LocalSource | None = None,
+    max_batches: int = 50,
+    batch_size: int | None = None,
+) -> DrainReport:
+    """Drain batches until every stream is empty (or ``max_batches``); each batch is written
+    in one transaction and acknowledged after it committed."""
+    started = time.monotonic()
+    owned = source is None
+    chosen = source or source_default()
+    count = batch_size or settings.BILLING_DRAIN_BATCH
+    report = DrainReport()
+    try:
+        for _ in range(max_batches):
+            batch = chosen.read(count)
+            if batch.entries or batch.denied:
+                report.written.add(ledger_write(batch.entries, batch.denied))
+            if batch.ids or batch.local_count or batch.denied:
+                chosen.ack(batch)
+                report.batches += 1
+            elif batch.complete_round:
+                break
+    finally:
+        if owned:
+            chosen.close()
+    report.seconds = time.monotonic() - started
+    return report
