@@ -150,6 +150,11 @@ def object_save(*, instance: models.Model, actor: Actor, validate: bool = True) 
             audit_record(
                 actor=actor, action=AuditEntry.Action.CHANGED, instance=instance, changes=changes
             )
+        if isinstance(instance, AIModel):
+            # Billing prices usage as it was when it happened: keep the price history.
+            from billing.services import model_price_record
+
+            model_price_record(model=instance, previous=previous)
         policy_publish_on_commit(actor=actor, reason=f"{instance._meta.verbose_name} saved")
     return True
 
