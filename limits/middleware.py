@@ -11,7 +11,9 @@ model, estimated tokens) and checked with the engine in this process, no HTTP ho
 - the key: ``Authorization: Bearer qk_…`` (``"key_header"`` names another header whose whole
   value is the key); the key's tenant is the one counted, and its tier's fail mode answers
   when Redis is away, exactly as on ``/api/v1/check``;
-- the end user: the body's ``user`` field (OpenAI's), else the ``X-Quota-User`` header;
+- the end user: the body's ``user`` field (OpenAI's), else the ``X-Quota-User`` header,
+  else the API key itself (``key:<key prefix>``), so clients that name no user are limited
+  per key;
 - the model: the body's ``model``, else ``X-Quota-Model``;
 - the estimate: ``X-Quota-Tokens`` when the caller sends it; otherwise the prompt's length
   (``messages``, ``prompt`` or ``input``) at about four characters a token, plus the output
@@ -50,6 +52,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHt
 from django.utils.module_loading import import_string
 
 from limits import engine
+from limits.apikeys import apikey_parse
 from limits.authentication import api_client_for
 from limits.headers import ratelimit_headers
 from limits.identifiers import InvalidIdentifier, normalize_model_id, normalize_user_id
@@ -208,14 +211,17 @@ def openai_request(request: HttpRequest) -> QuotaRequest:
     user = body.get("user")
     if user is None:
         user = request.headers.get(options["user_header"])
+    if user is None:
+        # A client that names no end user (an OpenAI SDK left as it is) is one user: its key.
+        parsed_key = apikey_parse(key)
+        if parsed_key is None:
+            raise QuotaRequestError(401, "The API key is not valid, or it was revoked.")
+        user = f"key:{parsed_key.prefix}"
     model = body.get("model")
     if model is None:
         model = request.headers.get(options["model_header"])
     if not isinstance(user, str) or not user:
-        raise QuotaRequestError(
-            400,
-            f"Name the end user: a 'user' field in the body or a {options['user_header']} header.",
-        )
+        raise QuotaRequestError(400, "The end user ('user' in the body) must be a string.")
     if not isinstance(model, str) or not model:
         raise QuotaRequestError(400, "Name the model: a 'model' field in the body.")
     chars_per_token = options["chars_per_token"]

@@ -255,7 +255,7 @@ def test_an_upstream_error_passes_through_and_settles_the_input_estimate(
     [
         (None, {"model": "gpt-4o", "user": "u1"}, 401),
         ("qk_notakey", {"model": "gpt-4o", "user": "u1"}, 401),
-        ("alice", {"model": "gpt-4o"}, 400),
+        ("alice", {"model": "gpt-4o", "user": 42}, 400),
         ("alice", {"user": "u1"}, 400),
         ("alice", {"model": "no-such-model", "user": "u1"}, 400),
         ("alice", {"model": "gpt-4o", "user": "u\x00"}, 400),
@@ -289,3 +289,22 @@ def test_a_route_outside_the_guarded_paths_is_never_forwarded(
     assert answer.status_code == 500
     assert "not guarded" in answer.json()["error"]["message"]
     assert behaviour.received == []
+
+
+def test_a_request_naming_no_user_is_counted_for_its_api_key(client, guarded, upstream, behaviour):
+    prefix = guarded.alice_key.split("_")[1]
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": PROMPT}]}
+
+    answer = client.post(
+        "/v1/chat/completions",
+        json.dumps(body),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {guarded.alice_key}",
+    )
+
+    assert answer.status_code == 200
+    assert standing(client, guarded.alice_key, user=f"key:{prefix}") == {
+        ("user_model", "requests"): 99,
+        ("user_model", "tokens"): TOKENS_PER_HOUR - 42,
+        ("user", "concurrency"): IN_FLIGHT,
+    }
