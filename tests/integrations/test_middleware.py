@@ -253,3 +253,13 @@ def test_with_redis_unreachable_the_tiers_fail_mode_answers(
         assert answer.json()["degraded"] is True
         assert answer.json()["allowed"] is False
         assert "Retry-After" in answer
+
+
+def test_a_body_over_djangos_limit_is_413_and_checks_nothing(client, project, settings, world):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+
+    answer = post(client, project.alice_key, prompt="y" * 2000)
+
+    assert answer.status_code == 413
+    assert answer.json() == {"detail": "The body is too large."}
+    assert tokens_left(world.alice) == (TOKENS_PER_HOUR, IN_FLIGHT)
