@@ -280,11 +280,14 @@ class LocalBackend:
     # -- keyspace ------------------------------------------------------------------
     def _get(self, key: str, now: int) -> Any:
         expires = self._expires.get(key)
-        if expires is not None and expires <= now:
+        value = self._data.get(key)
+        # Redis deletes a sorted set or hash with its last member: so does this keyspace.
+        gone = isinstance(value, (_SortedSet, dict)) and not value
+        if gone or (expires is not None and expires <= now):
             self._data.pop(key, None)
-            del self._expires[key]
+            self._expires.pop(key, None)
             return None
-        return self._data.get(key)
+        return value
 
     def _expire(self, key: str, now: int, ttl_ms: int) -> None:
         if key in self._data:
@@ -356,7 +359,9 @@ class LocalBackend:
                 used = fields.get(field, 0)
             state["used"] = used
 
-            if used + needed > item.limit and call.mode != "peek":
+            # Room for at least one unit, as in check.lua: a spent limit denies a 0 estimate.
+            room = max(needed, 1)
+            if used + room > item.limit and call.mode != "peek":
                 wait = NEVER
                 entries = self._zset(item.key, now) if item.kind in ("r", "t", "c") else None
                 if item.kind == "r" and entries is not None:
@@ -364,16 +369,16 @@ class LocalBackend:
                     if 0 <= position < len(entries):
                         wait = entries.items[position][0] + int(item.span) - now
                 elif item.kind == "t" and entries is not None:
-                    if needed <= item.limit:
+                    if room <= item.limit:
                         remaining = used
                         for score, member in entries.items:
                             remaining -= int(member.split(":", 1)[0])
-                            if remaining + needed <= item.limit:
+                            if remaining + room <= item.limit:
                                 wait = score + int(item.span) - now
                                 break
                 elif item.kind == "c" and entries is not None and len(entries):
                     wait = entries.items[0][0] - now
-                elif item.kind in ("k", "m") and needed <= item.limit:
+                elif item.kind in ("k", "m") and room <= item.limit:
                     wait = state["period_end"] - now
                 if item.shadow:
                     shadow_denied.append(index)
@@ -463,12 +468,14 @@ class LocalBackend:
                 for index in shadow_denied:
                     label = call.limits[index - 1].label
                     counts[label] = counts.get(label, 0) + 1
+                self._expire(call.shadow_key, now, 7 * DAY_US // 1000)
             if allowed:
                 self.events.append({"k": "check", "e": call.event, "t": str(now)})
             else:
                 counts = self._get(call.denied_key, now) or self._new(call.denied_key, {})
                 label = f"{now // 3_600_000_000}|{call.denied_label}"
                 counts[label] = counts.get(label, 0) + 1
+                self._expire(call.denied_key, now, 2 * DAY_US // 1000)
         return result
 
     def _new(self, key: str, value: Any) -> Any:
@@ -546,6 +553,25 @@ class LocalBackend:
     def counters(self, key: str) -> dict[str, int]:
         with self._lock:
             return dict(self._get(key, self._now()) or {})
+
+    def snapshot(self) -> dict[str, tuple[Any, int | None]]:
+        """Every live key: a plain copy of its value (a sorted set as ``[(member, score)]``)
+        and when it expires (µs, None for never). For inspection; counts nothing."""
+        with self._lock:
+            now = self._now()
+            found: dict[str, tuple[Any, int | None]] = {}
+            for key in list(self._data):
+                value = self._get(key, now)
+                if value is None:
+                    continue
+                if isinstance(value, _SortedSet):
+                    plain: Any = [(member, score) for score, member in value.items]
+                elif isinstance(value, dict):
+                    plain = dict(value)
+                else:
+                    plain = value
+                found[key] = (plain, self._expires.get(key))
+            return found
 
 
 def _period_of(code: str, now: int) -> tuple[str, int, str]:

@@ -21,9 +21,10 @@ one Redis Cluster slot:
 
 with subject ``u:<user>:m:<model>``, ``u:<user>``, ``m:<model>`` or ``all``. A user or
 model id made only of ``[A-Za-z0-9._@+-]`` (at most 64) is used as is; any other is
-replaced by a hash, so no caller-sent text can forge another key's name. Global capacity
-is tagged by its class, not by tenant: on one Redis it is part of the same script call; on
-a cluster it lives in its own slot (see docs/operations.md).
+replaced by ``~`` and a hash (``~`` is in no id used as is), so no caller-sent text can
+forge another key's name. Global capacity is tagged by its class, not by tenant: on one
+Redis it is part of the same script call; on a cluster it lives in its own slot (see
+docs/engine.md).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class Plan:
     version: int
     tag: str
     limits: tuple[PlannedLimit, ...]
-    estimate_price: int  # µ-units per token: the dearer of input and output
+    estimate_price: int  # nano-units per token (µ-units per 1K): the dearer of in and out
     input_price: int
     output_price: int
     record_ttl_ms: int
@@ -140,7 +141,8 @@ class Plan:
 def _id_part(value: str) -> str:
     if SAFE_ID.fullmatch(value):
         return value
-    return "h" + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
+    # "~" is outside SAFE_ID: no id used as is can spell a hashed one.
+    return "~" + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
 
 
 def tenant_tag(tenant_id: int) -> str:
@@ -282,7 +284,7 @@ def backend() -> RedisBackend | LocalBackend:
         with _lock:
             found = _state.get(key)
             if found is None:
-                if settings.QUOTA_BACKEND == "redis":
+                if settings.QUOTA_BACKEND == "redis" and settings.REDIS_URL:
                     found = RedisBackend(settings.REDIS_URL)
                 else:
                     found = local_backend()

@@ -147,7 +147,10 @@ for i = 1, count do
     item.used = tonumber(redis.call("HGET", item.key, item.field) or "0")
   end
 
-  item.fits = item.used + needed <= item.limit
+  -- A check needs room for at least one unit even when it estimates no tokens: a spent
+  -- token limit or budget denies every check, not only those that announce tokens.
+  local room = math.max(needed, 1)
+  item.fits = item.used + room <= item.limit
   if not item.fits and mode ~= "peek" then
     local wait = -2
     if kind == "r" then
@@ -155,12 +158,12 @@ for i = 1, count do
         "WITHSCORES")
       if entry[2] then wait = tonumber(entry[2]) + tonumber(item.span) - now end
     elseif kind == "t" then
-      if needed <= item.limit then
+      if room <= item.limit then
         local entries = redis.call("ZRANGE", item.key, 0, -1, "WITHSCORES")
         local remaining_sum = item.used
         for j = 1, #entries, 2 do
           remaining_sum = remaining_sum - tonumber(string.match(entries[j], "^(%d+):"))
-          if remaining_sum + needed <= item.limit then
+          if remaining_sum + room <= item.limit then
             wait = tonumber(entries[j + 1]) + tonumber(item.span) - now
             break
           end
@@ -170,7 +173,7 @@ for i = 1, count do
       local entry = redis.call("ZRANGE", item.key, 0, 0, "WITHSCORES")
       if entry[2] then wait = tonumber(entry[2]) - now end
     else
-      if needed <= item.limit then wait = item.period_end - now end
+      if room <= item.limit then wait = item.period_end - now end
     end
     if item.shadow then
       shadow_mask = shadow_mask .. i .. ","
