@@ -17,10 +17,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from django.apps import apps
@@ -41,6 +43,8 @@ from tests.factories import (
     TierFactory,
 )
 from tests.processes import REPOSITORY, free_port
+
+T = TypeVar("T")
 
 REQUESTS_PER_HOUR = 5
 TOKENS_PER_HOUR = 10_000
@@ -128,14 +132,33 @@ def live_publish(prefix: str) -> None:
         engine.reset_state()
 
 
+def committed(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``function`` on a database connection of its own, in autocommit, so that what it
+    writes is visible to a server at once even while the test sits in a transaction (its
+    changes are not rolled back: clean up with ``live_world_delete``)."""
+
+    def run() -> T:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result(timeout=60)
+
+
 def live_world_delete(prefix: str) -> None:
     """Empty the quota and billing tables (not auth: its roles come from a migration) and
     remove every Redis key under ``prefix``."""
+    with connection.cursor() as cursor:
+        # Never wait forever behind a transaction that read these tables.
+        cursor.execute("SET lock_timeout = '10s'")
     models = [
         *apps.get_app_config("limits").get_models(),
         *apps.get_app_config("billing").get_models(),
     ]
-    tables = [model._meta.db_table for model in models]
+    existing = set(connection.introspection.table_names())
+    tables = [model._meta.db_table for model in models if model._meta.db_table in existing]
     statements = connection.ops.sql_flush(no_style(), tables, allow_cascade=True)
     connection.ops.execute_sql_flush(statements)
     redis_keys_delete(prefix)
