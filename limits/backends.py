@@ -52,6 +52,7 @@ class CheckCall:
     denied_key: str
     shadow_key: str
     request_id: str
+    member: str  # what the sorted sets hold: the request id qualified by its tenant
     mode: str  # "check", "dry" (decide only) or "peek" (read only)
     record_ttl_ms: int
     event: str
@@ -84,6 +85,7 @@ class CommitCall:
     record_key: str
     stream_key: str
     request_id: str
+    member: str
     tokens: int
     cost: int
     summary: str
@@ -190,7 +192,7 @@ class RedisBackend:
         keys = [call.record_key, call.stream_key, call.denied_key, call.shadow_key]
         args: list[Any] = [
             _clock_arg(),
-            call.request_id,
+            call.member,
             call.mode,
             call.record_ttl_ms,
             call.event,
@@ -215,7 +217,7 @@ class RedisBackend:
 
     def commit(self, call: CommitCall, stored: StoredRequest) -> tuple[int, str]:
         keys = [call.record_key, call.stream_key, *consumed_keys(stored.consumed)]
-        args = [_clock_arg(), call.request_id, call.tokens, call.cost, call.summary, call.event]
+        args = [_clock_arg(), call.member, call.tokens, call.cost, call.summary, call.event]
         reply = self._call(self._commit, keys=keys, args=args)
         return int(reply[0]), (str(reply[1]) if len(reply) > 1 else "")
 
@@ -399,13 +401,13 @@ class LocalBackend:
             if consume:
                 if item.kind == "r":
                     entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
-                    entries.add(now, call.request_id)
+                    entries.add(now, call.member)
                     self._expire(item.key, now, int(item.span) // 1000 + 1)
                 elif item.kind == "t":
                     window = int(item.span)
                     if item.weight > 0:
                         entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
-                        entries.add(now, f"{item.weight}:{call.request_id}")
+                        entries.add(now, f"{item.weight}:{call.member}")
                         total = (self._get(sum_key(item.key), now) or 0) + item.weight
                         self._data[sum_key(item.key)] = total
                         self._expire(item.key, now, window // 1000 + 1)
@@ -415,7 +417,7 @@ class LocalBackend:
                 elif item.kind == "c":
                     lease = int(item.span)
                     entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
-                    entries.add(now + lease, call.request_id)
+                    entries.add(now + lease, call.member)
                     self._expire(item.key, now, lease // 1000 + 1)
                     consumed.append(f"c\t{item.key}")
                 else:
@@ -510,12 +512,12 @@ class LocalBackend:
                     entries = self._zset(key, now)
                     present = 1
                     if weight > 0:
-                        present = entries.remove(f"{weight}:{call.request_id}") if entries else 0
+                        present = entries.remove(f"{weight}:{call.member}") if entries else 0
                     if not present:
                         continue
                     if call.tokens > 0:
                         entries = entries or self._new(key, _SortedSet())
-                        entries.add(at, f"{call.tokens}:{call.request_id}")
+                        entries.add(at, f"{call.tokens}:{call.member}")
                         self._expire(key, now, window // 1000 + 1)
                     delta = call.tokens - weight
                     if delta:
@@ -528,7 +530,7 @@ class LocalBackend:
                 elif kind == "c":
                     entries = self._zset(key, now)
                     if entries is not None:
-                        entries.remove(call.request_id)
+                        entries.remove(call.member)
                 else:
                     field, weight = fields[2], int(fields[3])
                     actual = call.tokens if kind == "k" else call.cost

@@ -410,6 +410,7 @@ def _check_call(
         denied_key=f"{plan.tag}:denied",
         shadow_key=f"{plan.tag}:shadow",
         request_id=request_id,
+        member=_member(plan.tenant_id, request_id),
         mode=mode,
         record_ttl_ms=plan.record_ttl_ms,
         event=event,
@@ -417,6 +418,12 @@ def _check_call(
         extra=extra,
         limits=tuple(calls),
     )
+
+
+def _member(tenant_id: int, request_id: str) -> str:
+    # Request ids are each tenant's own: two tenants may both send "r1", and the global
+    # capacity sets they share must count (and settle) them as two requests.
+    return f"{tenant_id}:{request_id}"
 
 
 def _decide(plan: Plan, call: CheckCall) -> Decision:
@@ -564,6 +571,7 @@ def commit(
             record_key=record_key,
             stream_key=f"{tag}:events",
             request_id=request_id,
+            member=_member(tenant_id, request_id),
             tokens=input_tokens + output_tokens,
             cost=cost,
             summary=summary,

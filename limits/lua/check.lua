@@ -5,13 +5,15 @@ KEYS[1]  request record (hash): the first decision for this request id, and what
 KEYS[2]  usage event stream of the tenant
 KEYS[3]  denied counter (hash) of the tenant: field "<hour>|<label>" -> denied checks
 KEYS[4]  shadow counter (hash) of the tenant: field "<rule label>" -> would-have-denied checks
-KEYS[5…] the keys of each limit, in ARGV order: requests 1 (sorted set of request ids by
-         time), tokens 2 (sorted set of "<weight>:<request id>" by time, and the running sum),
-         concurrency 1 (sorted set of request ids by lease expiry), budgets 1 (hash of period
+KEYS[5…] the keys of each limit, in ARGV order: requests 1 (sorted set of members by
+         time), tokens 2 (sorted set of "<weight>:<member>" by time, and the running sum),
+         concurrency 1 (sorted set of members by lease expiry), budgets 1 (hash of period
          fields)
 
 ARGV[1]  time override in microseconds, or "" to use Redis TIME (tests only)
-ARGV[2]  request id
+ARGV[2]  member: the request id qualified by its tenant ("<tenant>:<request id>"), what the
+         sorted sets hold; unique across tenants, whose request ids may repeat each other's
+         in the global capacity sets they share
 ARGV[3]  mode: "check", "dry" (decide, consume nothing, remember nothing) or "peek" (quota)
 ARGV[4]  record TTL in milliseconds
 ARGV[5]  usage event payload (JSON, written as is on an allowed check)
@@ -30,7 +32,7 @@ strings inside the record because Lua's own number formatting would round micros
 ]]
 
 local record_key, stream_key, denied_key, shadow_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local request_id, mode = ARGV[2], ARGV[3]
+local member, mode = ARGV[2], ARGV[3]
 
 if mode == "check" then
   local stored = redis.call("HGET", record_key, "d")
@@ -202,12 +204,12 @@ for i = 1, count do
   if consume then
     if kind == "r" then
       local window = tonumber(item.span)
-      redis.call("ZADD", item.key, now, request_id)
+      redis.call("ZADD", item.key, now, member)
       redis.call("PEXPIRE", item.key, floor(window / 1000) + 1)
     elseif kind == "t" then
       local window = tonumber(item.span)
       if item.weight > 0 then
-        redis.call("ZADD", item.key, now, string.format("%d", item.weight) .. ":" .. request_id)
+        redis.call("ZADD", item.key, now, string.format("%d", item.weight) .. ":" .. member)
         redis.call("INCRBY", item.sum_key, item.weight)
         redis.call("PEXPIRE", item.key, floor(window / 1000) + 1)
         redis.call("PEXPIRE", item.sum_key, floor(window / 1000) + 1)
@@ -215,7 +217,7 @@ for i = 1, count do
       consumed[#consumed + 1] = encode({"t", item.key, item.sum_key, item.weight, now, window}, "\t")
     elseif kind == "c" then
       local lease = tonumber(item.span)
-      redis.call("ZADD", item.key, now + lease, request_id)
+      redis.call("ZADD", item.key, now + lease, member)
       redis.call("PEXPIRE", item.key, floor(lease / 1000) + 1)
       consumed[#consumed + 1] = encode({"c", item.key}, "\t")
     else

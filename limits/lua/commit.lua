@@ -7,7 +7,7 @@ KEYS[3…] the keys named by the record's consumed entries, in their order (a to
          gives its sorted set and its running sum)
 
 ARGV[1]  time override in microseconds, or "" to use Redis TIME (tests only)
-ARGV[2]  request id
+ARGV[2]  member: the request id qualified by its tenant, as check.lua stored it
 ARGV[3]  actual tokens (input + output)
 ARGV[4]  actual cost in nano-units of the currency
 ARGV[5]  settlement summary to remember ("<input>;<output>;<status>")
@@ -23,7 +23,7 @@ changes), {1, summary} when settled now.
 ]]
 
 local record_key, stream_key = KEYS[1], KEYS[2]
-local request_id = ARGV[2]
+local member = ARGV[2]
 local actual_tokens, actual_cost = tonumber(ARGV[3]), tonumber(ARGV[4])
 
 local record = redis.call("HMGET", record_key, "c", "s", "d")
@@ -61,12 +61,12 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
     if at > now - window then
       local present = 1
       if weight > 0 then
-        present = redis.call("ZREM", key, string.format("%d", weight) .. ":" .. request_id)
+        present = redis.call("ZREM", key, string.format("%d", weight) .. ":" .. member)
       end
       -- Absent with a weight means the user's windows were reset: nothing to correct.
       if present == 1 then
         if actual_tokens > 0 then
-          redis.call("ZADD", key, at, string.format("%d", actual_tokens) .. ":" .. request_id)
+          redis.call("ZADD", key, at, string.format("%d", actual_tokens) .. ":" .. member)
           redis.call("PEXPIRE", key, math.floor(window / 1000) + 1)
         end
         local delta = actual_tokens - weight
@@ -81,7 +81,7 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
       end
     end
   elseif kind == "c" then
-    redis.call("ZREM", KEYS[key_index], request_id)
+    redis.call("ZREM", KEYS[key_index], member)
     key_index = key_index + 1
   else
     local key, field, weight = KEYS[key_index], fields[3], tonumber(fields[4])
