@@ -349,6 +349,23 @@ def test_global_capacity_of_a_class_is_shared_by_every_tenant_and_by_no_other_cl
     assert engine.quota(policy.alice.pk, "u1", LLAMA).limits == ()
 
 
+@pytest.mark.parametrize("metric", ["requests", "tokens", "concurrency"])
+def test_global_capacity_counts_two_tenants_using_the_same_request_id_twice(policy, clock, metric):
+    """Request ids are the tenants' own: alice's "r1" and bob's "r1" are two requests."""
+    policy.rule("global", metric, 200 if metric == "tokens" else 2, 60, model_class="frontier")
+    policy.publish()
+    assert check(policy.alice, tokens=100, request_id="r1").allowed
+    assert check(policy.bob, tokens=100, request_id="r1").allowed
+
+    assert not check(policy.alice, "u2", tokens=100, request_id="r2").allowed
+    assert remaining(policy.bob, "global", metric) == 0
+    engine.commit(policy.alice.pk, "r1", 100, 0)  # settles alice's, not bob's
+    assert remaining(policy.bob, "global", metric) == (1 if metric == "concurrency" else 0)
+    engine.commit(policy.bob.pk, "r1", 100, 0)
+    clock.advance(60)  # both have left the window, and both leases are free
+    assert remaining(policy.bob, "global", metric) == (200 if metric == "tokens" else 2)
+
+
 def test_a_tenants_counts_are_its_own(policy):
     policy.rule("tenant", "requests", 1)
     policy.publish()
