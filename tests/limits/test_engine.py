@@ -260,6 +260,23 @@ def test_a_counted_request_leaves_the_window_exactly_one_window_later(policy, cl
     assert check(policy.alice).allowed
 
 
+def test_a_changed_limit_keeps_what_was_counted(policy):
+    rule = policy.rule("user_model", "requests", 2)
+    policy.publish()
+    assert admitted(policy.alice, 3) == 2
+
+    rule.limit = 3
+    rule.save()
+    policy.publish()
+    assert admitted(policy.alice, 2) == 1
+
+    rule.limit = 1
+    rule.save()
+    policy.publish()
+    assert remaining(policy.alice, "user_model", "requests") == 0
+    assert check(policy.alice).retry_after == pytest.approx(HOUR, abs=0.01)
+
+
 # -- all or nothing --------------------------------------------------------------------
 # (scope, metric, generous limit, a limit the second of two 100-token checks exceeds)
 EVERY_RULE = [
