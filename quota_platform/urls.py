@@ -11,6 +11,7 @@ from quota_platform import ops
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="admin:index", permanent=False)),
     path("admin/", admin.site.urls),
+    path("billing/", include("billing.urls")),
     path("api/v1/authz", authz.authz, name="api-authz"),
     path("api/v1/authz/<path:forwarded_path>", authz.authz, name="api-authz-path"),
     path("api/v1/", include("limits.urls")),
