@@ -34,6 +34,8 @@ import os
 import socket
 import time
 import uuid
+import weakref
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ from billing.models import (
     HourlyRollup,
     LedgerState,
     ModelPrice,
+    MonthlyRollup,
+    MonthlyUserRollup,
     PendingCommit,
     Statement,
     StatementAdjustment,
@@ -160,6 +164,10 @@ def denied_key(tenant_id: int) -> str:
     return f"{tenant_tag(tenant_id)}:denied"
 
 
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
+
+
 class RedisSource:
     """Reads the tenants' usage streams in Redis through the consumer group ``billing``."""
 
@@ -170,6 +178,9 @@ class RedisSource:
             socket_timeout=30,
             socket_connect_timeout=5,
         )
+        # Stream replies as Redis sends them: no dict per entry, parsed once below.
+        for command in ("XREADGROUP", "XAUTOCLAIM"):
+            self.client.set_response_callback(command, _raw_reply)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._grouped: set[str] = set()
         self._offset = 0
@@ -219,18 +230,23 @@ class RedisSource:
                             self._grouped.discard(keys[index])  # the stream was deleted
                             continue
                         raise result
-                raw: list[tuple[str, dict[str, str]]] = []
+                raw: list[Any] = []
                 if isinstance(claimed, list) and len(claimed) > 1:
+                    # Entries deleted while pending come back without fields (Redis 6.2).
                     raw.extend(item for item in claimed[1] if item and item[1] is not None)
-                if isinstance(fresh, list):
-                    for _stream, items in fresh:
+                if fresh:
+                    # A map under RESP3, a list of [stream, entries] pairs under RESP2.
+                    for _stream, items in fresh.items() if isinstance(fresh, dict) else fresh:
                         raw.extend(items)
                 if raw:
                     batch.ids[tenant] = [entry_id for entry_id, _ in raw]
-                for entry_id, fields in raw:
-                    entry = entry_parse(tenant, entry_id, fields)
+                append = batch.entries.append
+                for entry_id, flat in raw:
+                    entry = entry_parse(
+                        tenant, entry_id, dict(zip(flat[::2], flat[1::2], strict=False))
+                    )
                     if entry is not None:
-                        batch.entries.append(entry)
+                        append(entry)
                 total += len(raw)
                 if isinstance(denied, dict) and denied:
                     counts = {name: int(value) for name, value in denied.items()}
@@ -470,25 +486,56 @@ EVENT_COLUMNS = (
 )
 
 
-@dataclass
 class _Row:
     """A usage event row being written, with what the rollups need to know."""
 
-    tenant_id: int
-    event_id: str
-    request_id: str
-    api_key_id: int | None
-    user_id: str
-    model_id: str
-    policy_version: int
-    at_us: int
-    estimated_tokens: int
-    price: Price
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    status: str = ""
-    committed_at_us: int | None = None
-    commit_event_id: str = ""
+    __slots__ = (
+        "api_key_id",
+        "at_us",
+        "commit_event_id",
+        "committed_at_us",
+        "estimated_tokens",
+        "event_id",
+        "input_tokens",
+        "model_id",
+        "output_tokens",
+        "policy_version",
+        "price",
+        "request_id",
+        "status",
+        "tenant_id",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        tenant_id: int,
+        event_id: str,
+        request_id: str,
+        api_key_id: int | None,
+        user_id: str,
+        model_id: str,
+        policy_version: int,
+        at_us: int,
+        estimated_tokens: int,
+        price: Price,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.event_id = event_id
+        self.request_id = request_id
+        self.api_key_id = api_key_id
+        self.user_id = user_id
+        self.model_id = model_id
+        self.policy_version = policy_version
+        self.at_us = at_us
+        self.estimated_tokens = estimated_tokens
+        self.price = price
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.status = ""
+        self.committed_at_us: int | None = None
+        self.commit_event_id = ""
 
     @property
     def billed(self) -> tuple[int, int, bool]:
@@ -523,7 +570,7 @@ class _Row:
             billed_output,
             is_estimate,
             self.price.id,
-            self.cost,
+            self.price.cost(billed_input, billed_output),
         )
 
 
@@ -556,16 +603,51 @@ def _settle(row: _Row, commit: Entry) -> None:
     row.commit_event_id = commit.entry_id
 
 
-class RollupDeltas:
-    """What one write adds to each rollup, keyed by bucket."""
+EPOCH_ORDINAL = EPOCH.date().toordinal()
+DAY_US = 86_400_000_000
+
+
+class _Calendar:
+    """Hour, day and month of microsecond times, each worked out once per batch."""
 
     def __init__(self) -> None:
+        self._months: dict[int, int] = {}
+
+    def month_index(self, day_index: int) -> int:
+        month = self._months.get(day_index)
+        if month is None:
+            day = dt.date.fromordinal(EPOCH_ORDINAL + day_index)
+            month = self._months[day_index] = day.year * 12 + day.month - 1
+        return month
+
+
+def hour_from_index(index: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(hours=index)
+
+
+def day_from_index(index: int) -> dt.date:
+    return dt.date.fromordinal(EPOCH_ORDINAL + index)
+
+
+def month_from_index(index: int) -> dt.date:
+    return dt.date(index // 12, index % 12 + 1, 1)
+
+
+class RollupDeltas:
+    """What one write adds to each rollup, keyed by bucket (hours, days and months as
+    integer indexes until written)."""
+
+    def __init__(self) -> None:
+        self.calendar = _Calendar()
         # (hour, tenant, model, price) -> [requests, input, output, estimated, cost]
-        self.hourly: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, 0, ZERO])
-        # (day, tenant, model) -> [requests, denied, input, output, estimated, cost]
-        self.daily: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, 0, 0, ZERO])
-        # (day, tenant, user) -> [requests, input, output, cost]
-        self.users: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, ZERO])
+        self.hourly: dict[tuple[Any, ...], list[Any]] = {}
+        # (day, tenant, model) and (month, tenant, model)
+        #     -> [requests, denied, input, output, estimated, cost]
+        self.daily: dict[tuple[Any, ...], list[Any]] = {}
+        self.monthly: dict[tuple[Any, ...], list[Any]] = {}
+        # (day, tenant, user) and (month, tenant, user) -> [requests, input, output, cost]
+        self.users: dict[tuple[Any, ...], list[Any]] = {}
+        self.monthly_users: dict[tuple[Any, ...], list[Any]] = {}
 
     def add(
         self,
@@ -576,25 +658,119 @@ class RollupDeltas:
         estimated: int,
         cost: Decimal,
     ) -> None:
-        hour = hour_of(row.at_us)
-        day = hour.date()
-        hourly = self.hourly[(hour, row.tenant_id, row.model_id, row.price.id)]
-        hourly[0] += requests
-        hourly[1] += input_tokens
-        hourly[2] += output_tokens
-        hourly[3] += estimated
-        hourly[4] += cost
-        daily = self.daily[(day, row.tenant_id, row.model_id)]
-        daily[0] += requests
-        daily[2] += input_tokens
-        daily[3] += output_tokens
-        daily[4] += estimated
-        daily[5] += cost
-        users = self.users[(day, row.tenant_id, row.user_id)]
-        users[0] += requests
-        users[1] += input_tokens
-        users[2] += output_tokens
-        users[3] += cost
+        hour = row.at_us // HOUR_US
+        day = row.at_us // DAY_US
+        month = self.calendar.month_index(day)
+        tenant = row.tenant_id
+        key = (hour, tenant, row.model_id, row.price.id)
+        found = self.hourly.get(key)
+        if found is None:
+            self.hourly[key] = [requests, input_tokens, output_tokens, estimated, cost]
+        else:
+            found[0] += requests
+            found[1] += input_tokens
+            found[2] += output_tokens
+            found[3] += estimated
+            found[4] += cost
+        for table, bucket, subject in (
+            (self.daily, day, row.model_id),
+            (self.monthly, month, row.model_id),
+        ):
+            key = (bucket, tenant, subject)
+            found = table.get(key)
+            if found is None:
+                table[key] = [requests, 0, input_tokens, output_tokens, estimated, cost]
+            else:
+                found[0] += requests
+                found[2] += input_tokens
+                found[3] += output_tokens
+                found[4] += estimated
+                found[5] += cost
+        for table, bucket in ((self.users, day), (self.monthly_users, month)):
+            key = (bucket, tenant, row.user_id)
+            found = table.get(key)
+            if found is None:
+                table[key] = [requests, input_tokens, output_tokens, cost]
+            else:
+                found[0] += requests
+                found[1] += input_tokens
+                found[2] += output_tokens
+                found[3] += cost
+
+    def add_correction(
+        self, hour_index: int, tenant_id: int, model_id: str, difference: Sequence[Any]
+    ) -> None:
+        """Carry a repaired hourly bucket's difference (requests, input, output, estimated,
+        cost) into the day and month above it."""
+        day = hour_index // 24
+        for table, bucket in ((self.daily, day), (self.monthly, self.calendar.month_index(day))):
+            key = (bucket, tenant_id, model_id)
+            found = table.setdefault(key, [0, 0, 0, 0, 0, ZERO])
+            found[0] += difference[0]
+            found[2] += difference[1]
+            found[3] += difference[2]
+            found[4] += difference[3]
+            found[5] += difference[4]
+
+    def add_denied(self, hour_index: int, tenant_id: int, model_id: str, more: int) -> None:
+        day = hour_index // 24
+        for table, bucket in ((self.daily, day), (self.monthly, self.calendar.month_index(day))):
+            key = (bucket, tenant_id, model_id)
+            found = table.get(key)
+            if found is None:
+                table[key] = [0, more, 0, 0, 0, ZERO]
+            else:
+                found[1] += more
+
+    def apply(self) -> None:
+        """Add every delta to its rollup."""
+        rollup_upsert(
+            HourlyRollup,
+            ("hour", "tenant_id", "model_id", "price_id"),
+            ("requests", "input_tokens", "output_tokens", "estimated_requests", "cost"),
+            [(hour_from_index(key[0]), *key[1:], *values) for key, values in self.hourly.items()],
+            add=True,
+        )
+        counters = (
+            "requests",
+            "denied",
+            "input_tokens",
+            "output_tokens",
+            "estimated_requests",
+            "cost",
+        )
+        rollup_upsert(
+            DailyRollup,
+            ("day", "tenant_id", "model_id"),
+            counters,
+            [(day_from_index(key[0]), *key[1:], *values) for key, values in self.daily.items()],
+            add=True,
+        )
+        rollup_upsert(
+            MonthlyRollup,
+            ("month", "tenant_id", "model_id"),
+            counters,
+            [(month_from_index(key[0]), *key[1:], *values) for key, values in self.monthly.items()],
+            add=True,
+        )
+        user_counters = ("requests", "input_tokens", "output_tokens", "cost")
+        rollup_upsert(
+            DailyUserRollup,
+            ("day", "tenant_id", "user_id"),
+            user_counters,
+            [(day_from_index(key[0]), *key[1:], *values) for key, values in self.users.items()],
+            add=True,
+        )
+        rollup_upsert(
+            MonthlyUserRollup,
+            ("month", "tenant_id", "user_id"),
+            user_counters,
+            [
+                (month_from_index(key[0]), *key[1:], *values)
+                for key, values in self.monthly_users.items()
+            ],
+            add=True,
+        )
 
 
 def ledger_lock() -> None:
@@ -633,7 +809,8 @@ def ledger_write(entries: Sequence[Entry], denied: dict[int, dict[str, int]]) ->
         for row in rows.values():
             in_batch[(row.tenant_id, row.request_id)].append(row)
         for candidates in in_batch.values():
-            candidates.sort(key=lambda row: (row.at_us, row.event_id))
+            if len(candidates) > 1:
+                candidates.sort(key=lambda row: (row.at_us, row.event_id))
         merged: dict[tuple[int, str], Entry] = {}  # check key -> its commit
         unmatched: list[Entry] = []
         for entry in sorted(commits.values(), key=lambda entry: entry.at_us):
@@ -653,11 +830,18 @@ def ledger_write(entries: Sequence[Entry], denied: dict[int, dict[str, int]]) ->
                 unmatched.append(entry)  # the check was written before: amend it there
 
         deltas = RollupDeltas()
-        for key in inserted:
-            row = rows[key]
+        new_rows = [rows[key] for key in inserted]
+        for row in new_rows:
             billed_input, billed_output, is_estimate = row.billed
-            deltas.add(row, 1, billed_input, billed_output, int(is_estimate), row.cost)
-            report.hours.add((row.tenant_id, hour_of(row.at_us)))
+            deltas.add(
+                row,
+                1,
+                billed_input,
+                billed_output,
+                int(is_estimate),
+                row.price.cost(billed_input, billed_output),
+            )
+        report.hours.update((tenant, hour_from_index(hour)) for hour, tenant, _, _ in deltas.hourly)
 
         amended, orphans, settled_before = _amend_events(unmatched, prices, deltas, report)
         report.amended = len(amended)
@@ -684,12 +868,14 @@ def ledger_write(entries: Sequence[Entry], denied: dict[int, dict[str, int]]) ->
         report.pending_commits = len(pending) - len(applied_pending) + len(new_orphans)
 
         report.denied_buckets = _store_denied(denied, deltas)
-        report.adjustments = _adjust_finalised([rows[key] for key in inserted], amended, report)
-        _apply(deltas)
+        report.adjustments = _adjust_finalised(new_rows, amended)
+        deltas.apply()
     return report
 
 
 def _latest_at_or_before(candidates: list[_Row], at_us: int) -> _Row | None:
+    if len(candidates) == 1:
+        return candidates[0]
     found = None
     for row in candidates:
         if row.at_us <= at_us:
@@ -701,6 +887,56 @@ def _latest_at_or_before(candidates: list[_Row], at_us: int) -> _Row | None:
     return found
 
 
+# Temporary tables this process made on each database connection (they live as long as it).
+_temporary_tables: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+BINARY_TYPES = {
+    "BigAutoField": "int8",
+    "BigIntegerField": "int8",
+    "ForeignKey": "int8",
+    "CharField": "text",
+    "DateTimeField": "timestamptz",
+    "DateField": "date",
+    "BooleanField": "bool",
+    "DecimalField": "numeric",
+}
+
+
+def copy_types(model: Any, columns: Sequence[str]) -> list[str]:
+    """PostgreSQL type names of ``columns`` for a binary COPY."""
+    return [
+        BINARY_TYPES[model._meta.get_field(name).get_internal_type()]
+        for name in _field_names(columns)
+    ]
+
+
+def _copy_into_temporary(
+    cursor: Any, model: Any, columns: Sequence[str], rows: Iterable[Any]
+) -> str:
+    """COPY rows (binary) into an empty temporary twin of ``model``'s table; returns its
+    name."""
+    table = model._meta.db_table
+    names = ", ".join(columns)
+    temporary = f"billing_incoming_{table}_{zlib.crc32(names.encode()):08x}"
+    made = _temporary_tables.setdefault(connection.connection, set())
+    if temporary not in made:
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {temporary} ON COMMIT DELETE ROWS "  # noqa: S608
+            f"AS SELECT {names} FROM {table} WITH NO DATA"
+        )
+        # Remembered once it is sure to exist: a rolled-back transaction takes it along.
+        transaction.on_commit(lambda: made.add(temporary))
+    # Empty at every commit, but a transaction may fill it more than once.
+    cursor.execute(f"TRUNCATE {temporary}")
+    statement = f"COPY {temporary} ({names}) FROM STDIN (FORMAT BINARY)"  # noqa: S608
+    with cursor.cursor.copy(statement) as copy:
+        copy.set_types(copy_types(model, columns))
+        for row in rows:
+            copy.write_row(row)
+    return temporary
+
+
 def _insert_events(rows: list[_Row]) -> set[tuple[int, str]]:
     """Insert rows whose (tenant, event id) is new; returns the keys inserted."""
     if not rows:
@@ -710,22 +946,15 @@ def _insert_events(rows: list[_Row]) -> set[tuple[int, str]]:
     inserted: set[tuple[int, str]] = set()
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute(
-                f"CREATE TEMPORARY TABLE IF NOT EXISTS billing_incoming_event "  # noqa: S608
-                f"ON COMMIT DELETE ROWS AS SELECT {columns} FROM {table} WITH NO DATA"
+            temporary = _copy_into_temporary(
+                cursor, UsageEvent, EVENT_COLUMNS, (row.values() for row in rows)
             )
-            with cursor.cursor.copy(
-                f"COPY billing_incoming_event ({columns}) FROM STDIN"  # noqa: S608
-            ) as copy:
-                for row in rows:
-                    copy.write_row(row.values())
             cursor.execute(
                 f"INSERT INTO {table} ({columns}) SELECT {columns} "  # noqa: S608
-                f"FROM billing_incoming_event ON CONFLICT (tenant_id, event_id) DO NOTHING "
+                f"FROM {temporary} ON CONFLICT (tenant_id, event_id) DO NOTHING "
                 f"RETURNING tenant_id, event_id"
             )
-            inserted.update((int(tenant), str(event)) for tenant, event in cursor.fetchall())
-            cursor.execute("TRUNCATE billing_incoming_event")
+            inserted.update(cursor.fetchall())
             return inserted
         fields = [UsageEvent._meta.get_field(name) for name in _field_names(EVENT_COLUMNS)]
         placeholders = "(" + ", ".join(["%s"] * len(EVENT_COLUMNS)) + ")"
@@ -872,31 +1101,30 @@ def _price_of(event: UsageEvent, prices: PriceBook) -> Price:
 def _store_denied(denied: dict[int, dict[str, int]], deltas: RollupDeltas) -> int:
     """Store denied counters as absolute values; a counter only grows, so storing the
     larger of the two makes a repeat (or an older read) change nothing."""
-    wanted: dict[tuple[dt.datetime, int, str], int] = {}
+    wanted: dict[tuple[int, int, str], int] = {}
     for tenant_id, counts in denied.items():
         for name, count in counts.items():
             hour_text, _, model_id = name.partition("|")
             try:
-                hour = EPOCH + dt.timedelta(hours=int(hour_text))
+                hour = int(hour_text)
             except ValueError:
                 continue
             wanted[(hour, tenant_id, model_id)] = int(count)
     if not wanted:
         return 0
-    existing: dict[tuple[dt.datetime, int, str], int] = {}
-    hours = {key[0] for key in wanted}
+    existing: dict[tuple[int, int, str], int] = {}
     for hour, tenant_id, model_id, stored in HourlyRollup.objects.filter(
         price_id=NO_PRICE,
-        hour__in=hours,
+        hour__in={hour_from_index(key[0]) for key in wanted},
         tenant_id__in={key[1] for key in wanted},
     ).values_list("hour", "tenant_id", "model_id", "denied"):
-        existing[(hour, tenant_id, model_id)] = stored
+        existing[(to_us(hour) // HOUR_US, tenant_id, model_id)] = stored
     changed = []
     for key, count in wanted.items():
         before = existing.get(key, 0)
         if count > before:
-            changed.append((*key, NO_PRICE, count))
-            deltas.daily[(key[0].date(), key[1], key[2])][1] += count - before
+            changed.append((hour_from_index(key[0]), key[1], key[2], NO_PRICE, count))
+            deltas.add_denied(key[0], key[1], key[2], count - before)
     rollup_upsert(
         HourlyRollup,
         ("hour", "tenant_id", "model_id", "price_id"),
@@ -907,39 +1135,38 @@ def _store_denied(denied: dict[int, dict[str, int]], deltas: RollupDeltas) -> in
     return len(changed)
 
 
-def _adjust_finalised(
-    inserted: list[_Row], amended: list[tuple[Entry, _Row]], report: WriteReport
-) -> int:
+def _adjust_finalised(inserted: list[_Row], amended: list[tuple[Entry, _Row]]) -> int:
     """Usage of a month whose statement was already sent lands on the next open one."""
-    touched: dict[tuple[int, dt.date], list[tuple[str, _Row]]] = defaultdict(list)
-    for row in inserted:
-        touched[(row.tenant_id, month_of(from_us(row.at_us).date()))].append(("event", row))
-    for _entry, row in amended:
-        touched[(row.tenant_id, month_of(from_us(row.at_us).date()))].append(("commit", row))
-    if not touched:
+    rows = [("event", row) for row in inserted] + [("commit", row) for _, row in amended]
+    if not rows:
         return 0
-    tenants = {tenant for tenant, _ in touched}
-    oldest = min(month for _, month in touched)
+    tenants = {row.tenant_id for _, row in rows}
+    oldest = month_of(from_us(min(row.at_us for _, row in rows)).date())
     finalised: dict[int, set[dt.date]] = defaultdict(set)
     for tenant_id, month in Statement.objects.filter(
         tenant_id__in=tenants, month__gte=oldest
     ).values_list("tenant_id", "month"):
         finalised[tenant_id].add(month)
+    if not finalised:
+        return 0  # the usual case: nothing written belongs to a finalised month
     adjustments = []
-    for (tenant_id, month), items in touched.items():
-        if month not in finalised[tenant_id]:
+    for kind, row in rows:
+        months = finalised.get(row.tenant_id)
+        if not months:
+            continue
+        month = month_of(from_us(row.at_us).date())
+        if month not in months:
             continue
         landing = next_month(month)
-        while landing in finalised[tenant_id]:
+        while landing in months:
             landing = next_month(landing)
-        for kind, row in items:
-            adjustments.append(_adjustment(kind, row, month, landing))
+        adjustments.append(_adjustment(kind, row, month, landing))
     StatementAdjustment.objects.bulk_create(adjustments, ignore_conflicts=True)
     return len(adjustments)
 
 
 def _adjustment(kind: str, row: _Row, month: dt.date, landing: dt.date) -> StatementAdjustment:
-    billed_input, billed_output, is_estimate = row.billed
+    billed_input, billed_output, _ = row.billed
     if kind == "commit":
         # What the commit changed: the actuals less the estimate that was billed.
         estimate_cost = row.price.cost(row.estimated_tokens, 0)
@@ -970,19 +1197,28 @@ def rollup_upsert(
     *,
     add: bool,
 ) -> None:
-    """INSERT … ON CONFLICT (keys) DO UPDATE: add to the stored values, or replace them."""
+    """INSERT … ON CONFLICT (keys) DO UPDATE: add to the stored values, or replace them.
+    Each key may appear once in ``rows``."""
     if not rows:
         return
     table = model._meta.db_table
     names = [*keys, *columns]
-    fields = [model._meta.get_field(name) for name in _field_names(names)]
     if add:
         assignments = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in columns)
     else:
         assignments = ", ".join(f"{name} = excluded.{name}" for name in columns)
-    placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
-    chunk = max(1, 30000 // len(names))
+    conflict = f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {assignments}"
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            temporary = _copy_into_temporary(cursor, model, names, rows)
+            cursor.execute(
+                f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608
+                f"SELECT {', '.join(names)} FROM {temporary}" + conflict
+            )
+            return
+        fields = [model._meta.get_field(name) for name in _field_names(names)]
+        placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
+        chunk = max(1, 30000 // len(names))
         for first in range(0, len(rows), chunk):
             part = rows[first : first + chunk]
             params: list[Any] = []
@@ -994,33 +1230,9 @@ def rollup_upsert(
             cursor.execute(
                 f"INSERT INTO {table} ({', '.join(names)}) VALUES "  # noqa: S608
                 + ", ".join([placeholders] * len(part))
-                + f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {assignments}",
+                + conflict,
                 params,
             )
-
-
-def _apply(deltas: RollupDeltas) -> None:
-    rollup_upsert(
-        HourlyRollup,
-        ("hour", "tenant_id", "model_id", "price_id"),
-        ("requests", "input_tokens", "output_tokens", "estimated_requests", "cost"),
-        [(*key, *values) for key, values in deltas.hourly.items()],
-        add=True,
-    )
-    rollup_upsert(
-        DailyRollup,
-        ("day", "tenant_id", "model_id"),
-        ("requests", "denied", "input_tokens", "output_tokens", "estimated_requests", "cost"),
-        [(*key, *values) for key, values in deltas.daily.items()],
-        add=True,
-    )
-    rollup_upsert(
-        DailyUserRollup,
-        ("day", "tenant_id", "user_id"),
-        ("requests", "input_tokens", "output_tokens", "cost"),
-        [(*key, *values) for key, values in deltas.users.items()],
-        add=True,
-    )
 
 
 # -- the drain ---------------------------------------------------------------------------

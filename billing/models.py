@@ -201,6 +201,33 @@ class DailyRollup(models.Model):
         return f"{self.day} {self.tenant_id} {self.model_id}"
 
 
+class MonthlyRollup(models.Model):
+    """The daily rollups of one tenant and model summed over a UTC calendar month, so that
+    reports over many months read a few rows instead of a year of days."""
+
+    month = models.DateField(help_text="The first day of the month (UTC).")
+    tenant = _tenant_reference()
+    model_id = models.CharField("model id", max_length=200)
+    requests = models.BigIntegerField(default=0, db_default=0)
+    denied = models.BigIntegerField(default=0, db_default=0)
+    input_tokens = models.BigIntegerField(default=0, db_default=0)
+    output_tokens = models.BigIntegerField(default=0, db_default=0)
+    estimated_requests = models.BigIntegerField(default=0, db_default=0)
+    cost = models.DecimalField(default=ZERO, db_default=ZERO, **COST_DIGITS)
+
+    class Meta:
+        ordering = ["-month", "tenant", "model_id"]
+        verbose_name = "monthly rollup"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["month", "tenant", "model_id"], name="monthlyrollup_bucket"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.month:%Y-%m} {self.tenant_id} {self.model_id}"
+
+
 class DailyUserRollup(models.Model):
     """Usage of one end user of a tenant over a UTC day, all models: the top users."""
 
@@ -223,6 +250,30 @@ class DailyUserRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} {self.tenant_id} {self.user_id}"
+
+
+class MonthlyUserRollup(models.Model):
+    """Usage of one end user of a tenant over a UTC calendar month, all models."""
+
+    month = models.DateField(help_text="The first day of the month (UTC).")
+    tenant = _tenant_reference()
+    user_id = models.CharField("user id", max_length=200)
+    requests = models.BigIntegerField(default=0, db_default=0)
+    input_tokens = models.BigIntegerField(default=0, db_default=0)
+    output_tokens = models.BigIntegerField(default=0, db_default=0)
+    cost = models.DecimalField(default=ZERO, db_default=ZERO, **COST_DIGITS)
+
+    class Meta:
+        ordering = ["-month", "tenant", "user_id"]
+        verbose_name = "monthly user rollup"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["month", "tenant", "user_id"], name="monthlyuserrollup_bucket"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.month:%Y-%m} {self.tenant_id} {self.user_id}"
 
 
 class LedgerState(models.Model):

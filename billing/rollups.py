@@ -21,7 +21,7 @@ from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncHour
 
 from billing.ingest import EPOCH, HOUR_US, RollupDeltas, ledger_lock, rollup_upsert, to_us
-from billing.models import DailyRollup, HourlyRollup, LedgerState, UsageEvent
+from billing.models import HourlyRollup, LedgerState, UsageEvent
 
 logger = logging.getLogger(__name__)
 
@@ -113,22 +113,16 @@ def rollups_reconcile(
                 want,
             )
             fixes.append((*key, *want))
-            daily = deltas.daily[(key[0].date(), key[1], key[2])]
-            daily[0] += want[0] - have[0]
-            daily[2] += want[1] - have[1]
-            daily[3] += want[2] - have[2]
-            daily[4] += want[3] - have[3]
-            daily[5] += want[4] - have[4]
+            deltas.add_correction(
+                to_us(key[0]) // HOUR_US,
+                key[1],
+                key[2],
+                [new - old for new, old in zip(want, have, strict=True)],
+            )
         rollup_upsert(
             HourlyRollup, ("hour", "tenant_id", "model_id", "price_id"), FIELDS, fixes, add=False
         )
-        rollup_upsert(
-            DailyRollup,
-            ("day", "tenant_id", "model_id"),
-            ("requests", "denied", "input_tokens", "output_tokens", "estimated_requests", "cost"),
-            [(*key, *values) for key, values in deltas.daily.items()],
-            add=True,
-        )
+        deltas.apply()
         through = min(end, floor_hour(now))
         marker, _ = LedgerState.objects.get_or_create(name="reconciled")
         if marker.value is None or through > marker.value:
@@ -146,37 +140,3 @@ def rollups_reconcile_recent(*, hours: int = 3, now: dt.datetime | None = None) 
     return rollups_reconcile(
         start=current - dt.timedelta(hours=hours), end=current + dt.timedelta(hours=1), now=now
     )
-
-
-def daily_from_hourly(*, start: dt.date, end: dt.date) -> int:
-    """Rebuild the daily rollups of ``[start, end)`` from the hourly ones (repair tool);
-    returns how many days × tenants × models were written."""
-    with transaction.atomic():
-        ledger_lock()
-        begin = dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC)
-        finish = dt.datetime(end.year, end.month, end.day, tzinfo=dt.UTC)
-        sums: dict[tuple[Any, ...], list[Any]] = {}
-        for row in HourlyRollup.objects.filter(hour__gte=begin, hour__lt=finish).values_list(
-            "hour",
-            "tenant_id",
-            "model_id",
-            "requests",
-            "denied",
-            "input_tokens",
-            "output_tokens",
-            "estimated_requests",
-            "cost",
-        ):
-            key = (row[0].date(), row[1], row[2])
-            total = sums.setdefault(key, [0, 0, 0, 0, 0, ZERO])
-            for index, value in enumerate(row[3:]):
-                total[index] += value
-        DailyRollup.objects.filter(day__gte=start, day__lt=end).delete()
-        rollup_upsert(
-            DailyRollup,
-            ("day", "tenant_id", "model_id"),
-            ("requests", "denied", "input_tokens", "output_tokens", "estimated_requests", "cost"),
-            [(*key, *values) for key, values in sums.items()],
-            add=False,
-        )
-    return len(sums)

@@ -1,0 +1,422 @@
+"""Benchmark: the billing drain next to a raw COPY of the same rows, and the finance
+overview on a year of rollups.
+
+    .venv/bin/python bench/ingest.py [--events N] [--tenants N] [--batch N] [--runs N]
+
+1. Drain. ``--events`` allowed checks, each followed by its commit, are appended to the
+   usage streams of ``--tenants`` tenants in the engine's own entry format, then drained
+   into Postgres by ``billing.ingest.drain`` (consumer group, transaction per batch, rollups,
+   XACK, XTRIM) until the streams are empty. The same rows are then written again by a bare
+   ``COPY`` into a table with the usage table's columns and indexes: the ceiling for getting
+   rows into Postgres. Goal: the drain at least half as fast as that COPY.
+2. Overview. One year of hourly rollups for 100 tenants × 10 models (876,000 rows), the
+   daily rollups made from them, ten users per tenant per day and a monthly budget per
+   tenant; ``/billing/`` is then rendered through the Django test client for the default
+   range (the last 30 days) and for the whole year. Goal: under 300 ms.
+
+It needs PostgreSQL and Redis: DATABASE_URL names the server (default
+postgres://postgres@127.0.0.1:5432/quota_platform; only its server is used: the run creates
+a database of its own, ``quota_bench_<pid>``, and drops it at the end) and REDIS_URL the
+Redis (default redis://127.0.0.1:6379/0; every key lives under a prefix of the run's own
+and is deleted at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+# Run as a script, this directory comes first on sys.path, where bench/http.py would stand
+# in for the standard library's http.
+sys.path[:] = [
+    entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent
+]
+MODELS = 10
+OVERVIEW_TENANTS = 100
+USERS_PER_TENANT = 10
+GOAL_RATIO = 0.5
+GOAL_RENDER_MS = 300.0
+
+
+def scratch_database(url: str) -> tuple[str, str]:
+    """The URL of a database of this run's own on the same server, and its name."""
+    parts = urlsplit(url)
+    name = f"quota_bench_{os.getpid()}"
+    return urlunsplit(parts._replace(path=f"/{name}")), name
+
+
+def server_connection(url: str) -> Any:
+    import psycopg
+
+    parts = urlsplit(url)
+    return psycopg.connect(
+        host=parts.hostname or None,
+        port=parts.port or None,
+        user=parts.username or None,
+        password=parts.password or None,
+        dbname="postgres",
+        autocommit=True,
+    )
+
+
+def setup_django(database_url: str, redis_url: str, prefix: str) -> None:
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "quota_platform.settings",
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "QUOTA_KEY_PREFIX": prefix,
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or uuid.uuid4().hex * 2,
+            "DEBUG": "false",
+            "ALLOWED_HOSTS": "testserver",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    sys.path.insert(0, str(REPOSITORY))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def quota_model(tenants: int) -> tuple[list[int], list[str]]:
+    from decimal import Decimal
+
+    from billing.services import model_price_seed
+    from limits.models import AIModel, ModelClass, Tenant, Tier
+
+    tier = Tier.objects.create(name="bench")
+    model_class = ModelClass.objects.create(name="bench")
+    models = []
+    for index in range(MODELS):
+        model = AIModel.objects.create(
+            model_id=f"bench-model-{index}",
+            model_class=model_class,
+            input_price_per_1k=Decimal("0.000150") * (index + 1),
+            output_price_per_1k=Decimal("0.000600") * (index + 1),
+        )
+        model_price_seed(model_id=model.model_id)
+        models.append(model.model_id)
+    Tenant.objects.bulk_create(
+        [
+            Tenant(slug=f"tenant{index:03d}", name=f"Tenant {index}", tier=tier)
+            for index in range(tenants)
+        ]
+    )
+    return list(Tenant.objects.order_by("pk").values_list("pk", flat=True)), models
+
+
+# -- 1. the drain --------------------------------------------------------------------------
+def fill_streams(client: Any, tenants: list[int], models: list[str], events: int) -> int:
+    """Append ``events`` checks, each followed by its commit, as the engine writes them."""
+    import random
+
+    from billing.ingest import stream_key
+
+    rng = random.Random(7)
+    now_us = time.time_ns() // 1000
+    pipe = client.pipeline(transaction=False)
+    for index in range(events):
+        tenant = tenants[index % len(tenants)]
+        model = models[rng.randrange(len(models))]
+        user = f"user{rng.randrange(500)}"
+        request_id = uuid.uuid4().hex
+        at = now_us - (events - index) * 1000
+        key = stream_key(tenant)
+        check = {
+            "request_id": request_id,
+            "tenant": tenant,
+            "key": None,
+            "user": user,
+            "model": model,
+            "tokens": rng.randrange(1, 4000),
+            "version": 1,
+        }
+        commit = {
+            "request_id": request_id,
+            "tenant": tenant,
+            "key": None,
+            "user": user,
+            "model": model,
+            "input_tokens": rng.randrange(0, 4000),
+            "output_tokens": rng.randrange(0, 2000),
+            "status": "ok",
+        }
+        pipe.xadd(key, {"k": "check", "e": json.dumps(check, separators=(",", ":")), "t": str(at)})
+        pipe.xadd(
+            key, {"k": "commit", "e": json.dumps(commit, separators=(",", ":")), "t": str(at + 500)}
+        )
+        if index % 2000 == 1999:
+            pipe.execute()
+    pipe.execute()
+    return 2 * events
+
+
+def bench_drain(batch: int) -> dict[str, Any]:
+    from billing.ingest import RedisSource, drain
+
+    source = RedisSource()
+    started = time.perf_counter()
+    report = drain(source=source, max_batches=1_000_000, batch_size=batch)
+    seconds = time.perf_counter() - started
+    source.close()
+    return {"report": report.as_dict(), "seconds": seconds}
+
+
+def bench_copy() -> dict[str, Any]:
+    """COPY the rows the drain wrote (binary, as the drain does) into a table with the same
+    columns and indexes."""
+    from django.db import connection, transaction
+
+    from billing.ingest import EVENT_COLUMNS, copy_types
+    from billing.models import UsageEvent
+
+    columns = ", ".join(EVENT_COLUMNS)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {columns} FROM billing_usageevent")  # noqa: S608
+        rows = cursor.fetchall()
+        cursor.execute("CREATE TABLE bench_raw_copy (LIKE billing_usageevent INCLUDING ALL)")
+    types = copy_types(UsageEvent, EVENT_COLUMNS)
+    started = time.perf_counter()
+    with transaction.atomic(), connection.cursor() as cursor:
+        statement = f"COPY bench_raw_copy ({columns}) FROM STDIN (FORMAT BINARY)"
+        with cursor.cursor.copy(statement) as copy:
+            copy.set_types(types)
+            for row in rows:
+                copy.write_row(row)
+    seconds = time.perf_counter() - started
+    return {"rows": len(rows), "seconds": seconds}
+
+
+# -- 2. the overview -------------------------------------------------------------------------
+def year_of_rollups(tenants: list[int], models: list[str]) -> dict[str, int]:
+    from django.db import connection
+
+    from billing.models import ModelPrice
+    from limits.models import Budget, Tenant
+
+    prices = dict(ModelPrice.objects.values_list("model_id", "pk"))
+    with connection.cursor() as cursor:
+        for table in ("billing_hourlyrollup", "billing_dailyrollup", "billing_dailyuserrollup"):
+            cursor.execute(f"TRUNCATE {table}")  # noqa: S608
+        cursor.execute("CREATE TEMPORARY TABLE bench_models (model_id text, price_id bigint)")
+        cursor.executemany(
+            "INSERT INTO bench_models VALUES (%s, %s)", [(m, prices[m]) for m in models]
+        )
+        cursor.execute(
+            """
+            INSERT INTO billing_hourlyrollup (hour, tenant_id, model_id, price_id, requests,
+                denied, input_tokens, output_tokens, estimated_requests, cost)
+            SELECT hour, tenant.id, model.model_id, model.price_id, requests,
+                   (requests * random() * 0.05)::bigint, requests * 700, requests * 300,
+                   (requests * 0.02)::bigint, requests * 0.0021
+            FROM generate_series(
+                     date_trunc('hour', now()) - interval '365 days',
+                     date_trunc('hour', now()) - interval '1 hour',
+                     interval '1 hour') AS hour
+            CROSS JOIN limits_tenant AS tenant
+            CROSS JOIN bench_models AS model
+            CROSS JOIN LATERAL (SELECT (random() * 40)::bigint + tenant.id % 7 AS requests)
+                AS drawn
+            """
+        )
+        hourly = cursor.rowcount
+        cursor.execute(
+            """
+            INSERT INTO billing_dailyrollup (day, tenant_id, model_id, requests, denied,
+                input_tokens, output_tokens, estimated_requests, cost)
+            SELECT (hour AT TIME ZONE 'UTC')::date, tenant_id, model_id, sum(requests),
+                   sum(denied), sum(input_tokens), sum(output_tokens),
+                   sum(estimated_requests), sum(cost)
+            FROM billing_hourlyrollup GROUP BY 1, 2, 3
+            """
+        )
+        daily = cursor.rowcount
+        cursor.execute(
+            f"""
+            INSERT INTO billing_dailyuserrollup (day, tenant_id, user_id, requests,
+                input_tokens, output_tokens, cost)
+            SELECT day::date, tenant.id, 'user' || user_number, 40, 28000, 12000, 0.084
+            FROM generate_series(
+                     (now() AT TIME ZONE 'UTC')::date - 365,
+                     (now() AT TIME ZONE 'UTC')::date - 1, interval '1 day') AS day
+            CROSS JOIN limits_tenant AS tenant
+            CROSS JOIN generate_series(1, {USERS_PER_TENANT}) AS user_number
+            """  # noqa: S608
+        )
+        users = cursor.rowcount
+        cursor.execute("ANALYZE")
+    Budget.objects.bulk_create(
+        [
+            Budget(
+                tenant=tenant,
+                period="month",
+                token_limit=50_000_000,
+                is_hard=False,
+                alert_thresholds=[80, 100],
+            )
+            for tenant in Tenant.objects.all()
+        ]
+    )
+    return {"hourly": hourly, "daily": daily, "users": users}
+
+
+def bench_overview(runs: int) -> dict[str, dict[str, float]]:
+    import datetime as dt
+
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    admin = get_user_model().objects.create_superuser("bench", "bench@example.com", "x")
+    client = Client()
+    client.force_login(admin)
+    today = dt.datetime.now(dt.UTC).date()
+    ranges = {
+        "last 30 days (default)": {},
+        "whole year": {
+            "from": (today - dt.timedelta(days=365)).isoformat(),
+            "to": today.isoformat(),
+        },
+    }
+    results = {}
+    for label, query in ranges.items():
+        for _ in range(2):  # warm: templates compiled, caches filled
+            assert client.get("/billing/", query).status_code == 200
+        timings = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            response = client.get("/billing/", query)
+            timings.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200
+        with CaptureQueriesContext(connection) as queries:
+            client.get("/billing/", query)
+        results[label] = {
+            "median_ms": statistics.median(timings),
+            "max_ms": max(timings),
+            "queries": len(queries),
+        }
+    return results
+
+
+# -- the run -------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000, help="checks (each committed)")
+    parser.add_argument("--tenants", type=int, default=10, help="tenants of the drain part")
+    parser.add_argument("--batch", type=int, default=None, help="entries per stream per batch")
+    parser.add_argument("--runs", type=int, default=15, help="renders per range")
+    parser.add_argument(
+        "--part", choices=("drain", "overview", "both"), default="both", help="what to run"
+    )
+    args = parser.parse_args()
+
+    server_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/quota_platform")
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    database_url, database = scratch_database(server_url)
+    prefix = f"bench-ingest-{uuid.uuid4().hex[:8]}"
+    with server_connection(server_url) as server:
+        server.execute(f'CREATE DATABASE "{database}"')
+    try:
+        setup_django(database_url, redis_url, prefix)
+        import redis
+        from django.conf import settings
+
+        client = redis.Redis.from_url(redis_url)
+        try:
+            return run(args, client, settings)
+        finally:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            for first in range(0, len(keys), 500):
+                client.unlink(*keys[first : first + 500])
+            client.close()
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        with server_connection(server_url) as server:
+            server.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def run(args: argparse.Namespace, client: Any, settings: Any) -> int:
+    batch = args.batch or settings.BILLING_DRAIN_BATCH
+    tenants, models = quota_model(max(args.tenants, OVERVIEW_TENANTS))
+    drain_tenants = tenants[: args.tenants]
+
+    ratio = None
+    if args.part in ("drain", "both"):
+        entries = fill_streams(client, drain_tenants, models, args.events)
+        drained = bench_drain(batch)
+        copied = bench_copy()
+        report = drained["report"]
+        assert report["inserted"] == args.events == copied["rows"], (report, copied)
+        assert report["amended"] + report["inserted"] >= args.events
+        drain_rate = args.events / drained["seconds"]
+        copy_rate = copied["rows"] / copied["seconds"]
+        ratio = drain_rate / copy_rate
+
+        print(
+            f"\n1. Drain: {args.events:,} checks + {args.events:,} commits ({entries:,} stream "
+            f"entries), {len(drain_tenants)} tenants, batch {batch} per stream"
+        )
+        print(f"   {'':34}{'events/s':>12}{'seconds':>10}")
+        print(
+            f"   {'drain (Redis → Postgres, rollups)':34}{drain_rate:>12,.0f}"
+            f"{drained['seconds']:>10.2f}"
+        )
+        print(f"   {'raw COPY of the same rows':34}{copy_rate:>12,.0f}{copied['seconds']:>10.2f}")
+        print(
+            f"   ratio drain / COPY: {ratio:.2f}× (goal ≥ {GOAL_RATIO}×); "
+            f"{report['batches']} batches, {report['amended']} commits applied a batch later"
+        )
+    if args.part == "drain":
+        return goals(ratio, None)
+
+    made = year_of_rollups(tenants[:OVERVIEW_TENANTS], models)
+    overview = bench_overview(args.runs)
+    print(
+        f"\n2. /billing/ on one year of rollups: {made['hourly']:,} hourly, "
+        f"{made['daily']:,} daily, {made['users']:,} user-day rows; "
+        f"{OVERVIEW_TENANTS} tenants × {MODELS} models, {OVERVIEW_TENANTS} budgets"
+    )
+    print(f"   {'range':26}{'median ms':>11}{'max ms':>9}{'queries':>9}")
+    for label, result in overview.items():
+        print(
+            f"   {label:26}{result['median_ms']:>11.1f}{result['max_ms']:>9.1f}"
+            f"{result['queries']:>9}"
+        )
+
+    return goals(ratio, overview)
+
+
+def goals(ratio: float | None, overview: dict[str, dict[str, float]] | None) -> int:
+    print("\nGoals")
+    if ratio is not None:
+        print(
+            f"   drain ≥ {GOAL_RATIO}× COPY: {'met' if ratio >= GOAL_RATIO else 'MISSED'} "
+            f"({ratio:.2f}×)"
+        )
+    if overview is not None:
+        for label, result in overview.items():
+            median = result["median_ms"]
+            print(
+                f"   /billing/ < {GOAL_RENDER_MS:.0f} ms, {label}: "
+                f"{'met' if median < GOAL_RENDER_MS else 'MISSED'} ({median:.0f} ms)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
