@@ -10,17 +10,25 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import F, QuerySet, Sum
-from django.db.models.functions import TruncMonth, TruncWeek
+from django.db.models import F, Q, Sum
+from django.db.models.functions import TruncMonth
 
 from billing.ingest import month_of, next_month
-from billing.models import BudgetAlert, DailyRollup, DailyUserRollup, Statement
+from billing.models import (
+    BudgetAlert,
+    DailyRollup,
+    DailyUserRollup,
+    MonthlyRollup,
+    MonthlyUserRollup,
+    Statement,
+)
 from billing.services import BudgetUse, budget_usage, period_of
 from limits.models import Budget, BudgetPeriod, Tenant
 
 ZERO = Decimal(0)
 TOP_SERIES = 6
 TOP_ROWS = 10
+BURN_CHARTS = 6
 
 
 @dataclass(frozen=True)
@@ -36,19 +44,20 @@ class Period:
 
     @property
     def bucket(self) -> str:
-        if self.days <= 62:
-            return "day"
-        if self.days <= 366:
-            return "week"
-        return "month"
+        return "day" if self.days <= 62 else "month"
+
+    @property
+    def whole_months(self) -> tuple[dt.date, dt.date]:
+        """The first and the last-plus-one month lying wholly inside (maybe none)."""
+        first = month_of(self.start)
+        if first != self.start:
+            first = next_month(first)
+        after = month_of(self.end + dt.timedelta(days=1))
+        return first, max(first, after)
 
     def buckets(self) -> list[dt.date]:
         if self.bucket == "day":
             return [self.start + dt.timedelta(days=index) for index in range(self.days)]
-        if self.bucket == "week":
-            first = self.start - dt.timedelta(days=self.start.weekday())
-            count = (self.end - first).days // 7 + 1
-            return [first + dt.timedelta(weeks=index) for index in range(count)]
         months = []
         month = month_of(self.start)
         while month <= self.end:
@@ -146,16 +155,50 @@ class Dashboard:
     alerts: list[BudgetAlert] = field(default_factory=list)
 
 
-def _rollups(period: Period) -> QuerySet[DailyRollup]:
-    return DailyRollup.objects.filter(day__gte=period.start, day__lte=period.end)
-
-
-def _bucketed(queryset: QuerySet[Any], period: Period) -> QuerySet[Any]:
+def _grouped(
+    period: Period,
+    daily: type[Any],
+    monthly: type[Any],
+    fields: tuple[str, ...],
+    sums: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Rollups of ``period`` summed per ``fields`` (which may include ``bucket``: the day,
+    or the month for long periods), in one query. A long period reads whole months from
+    the monthly rollups and only its partial first and last months from the daily ones."""
     if period.bucket == "day":
-        return queryset.annotate(bucket=F("day"))
-    if period.bucket == "week":
-        return queryset.annotate(bucket=TruncWeek("day"))
-    return queryset.annotate(bucket=TruncMonth("day"))
+        return list(
+            daily.objects.filter(day__gte=period.start, day__lte=period.end)
+            .annotate(bucket=F("day"))
+            .values(*fields)
+            .annotate(**sums)
+            .order_by()
+        )
+    first, after = period.whole_months
+    edges = Q(day__gte=period.start, day__lt=first) | Q(day__gte=after, day__lte=period.end)
+    days = (
+        daily.objects.filter(edges)
+        .annotate(bucket=TruncMonth("day"))
+        .values(*fields)
+        .annotate(**sums)
+        .order_by()
+    )
+    months = (
+        monthly.objects.filter(month__gte=first, month__lt=after)
+        .annotate(bucket=F("month"))
+        .values(*fields)
+        .annotate(**sums)
+        .order_by()
+    )
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in months.union(days, all=True):
+        key = tuple(_as_date(row[name]) if name == "bucket" else row[name] for name in fields)
+        found = merged.get(key)
+        if found is None:
+            merged[key] = dict(row)
+            continue
+        for name in sums:
+            found[name] = (found[name] or 0) + (row[name] or 0)
+    return list(merged.values())
 
 
 def _as_date(value: dt.date | dt.datetime) -> dt.date:
@@ -190,41 +233,36 @@ def dashboard_for(*, period: Period, today: dt.date) -> Dashboard:
     """Everything the finance overview shows for ``period``; budgets as of ``today``."""
     tenant_labels = dict(Tenant.objects.values_list("pk", "slug"))
 
-    tenants: list[Ranked] = []
-    totals = Totals()
-    for row in _rollups(period).values("tenant_id").annotate(**SUMS).order_by():
+    # One pass over the rollups per dimension: totals per tenant and per model fall out of
+    # the per-bucket rows the charts need.
+    per_tenant: dict[Any, Totals] = defaultdict(Totals)
+    by_tenant: list[tuple[dt.date, Any, Decimal]] = []
+    checks: dict[dt.date, list[int]] = defaultdict(lambda: [0, 0])
+    for row in _grouped(period, DailyRollup, MonthlyRollup, ("bucket", "tenant_id"), SUMS):
         item = Totals.of(row)
+        per_tenant[row["tenant_id"]].add(item)
+        bucket = _as_date(row["bucket"])
+        by_tenant.append((bucket, row["tenant_id"], item.cost))
+        checks[bucket][0] += item.requests
+        checks[bucket][1] += item.denied
+    per_model: dict[Any, Totals] = defaultdict(Totals)
+    by_model: list[tuple[dt.date, Any, Decimal]] = []
+    for row in _grouped(period, DailyRollup, MonthlyRollup, ("bucket", "model_id"), SUMS):
+        item = Totals.of(row)
+        per_model[row["model_id"]].add(item)
+        by_model.append((_as_date(row["bucket"]), row["model_id"], item.cost))
+
+    totals = Totals()
+    tenants: list[Ranked] = []
+    for key, item in per_tenant.items():
         totals.add(item)
-        key = row["tenant_id"]
         tenants.append(Ranked(key, tenant_labels.get(key, f"#{key}"), item))
-    models = [
-        Ranked(row["model_id"], row["model_id"], Totals.of(row))
-        for row in _rollups(period).values("model_id").annotate(**SUMS).order_by()
-    ]
+    models = [Ranked(key, key, item) for key, item in per_model.items()]
     for ranking in (tenants, models):
         ranking.sort(key=lambda item: (-item.totals.cost, -item.totals.requests, item.label))
         for item in ranking:
             item.share = float(100 * item.totals.cost / totals.cost) if totals.cost else 0.0
 
-    by_tenant: list[tuple[dt.date, Any, Decimal]] = []
-    checks: dict[dt.date, list[int]] = defaultdict(lambda: [0, 0])
-    for row in (
-        _bucketed(_rollups(period), period)
-        .values("bucket", "tenant_id")
-        .annotate(cost_sum=Sum("cost"), requests_sum=Sum("requests"), denied_sum=Sum("denied"))
-        .order_by()
-    ):
-        bucket = _as_date(row["bucket"])
-        by_tenant.append((bucket, row["tenant_id"], row["cost_sum"]))
-        checks[bucket][0] += row["requests_sum"] or 0
-        checks[bucket][1] += row["denied_sum"] or 0
-    by_model = [
-        (_as_date(row["bucket"]), row["model_id"], row["cost_sum"])
-        for row in _bucketed(_rollups(period), period)
-        .values("bucket", "model_id")
-        .annotate(cost_sum=Sum("cost"))
-        .order_by()
-    ]
     buckets = period.buckets()
     deny = TimeSeries(
         [period.label(bucket) for bucket in buckets],
@@ -237,17 +275,32 @@ def dashboard_for(*, period: Period, today: dt.date) -> Dashboard:
     )
 
     users = []
-    for row in (
-        DailyUserRollup.objects.filter(day__gte=period.start, day__lte=period.end)
-        .values("tenant_id", "user_id")
-        .annotate(
-            requests_sum=Sum("requests"),
-            input_sum=Sum("input_tokens"),
-            output_sum=Sum("output_tokens"),
-            cost_sum=Sum("cost"),
+    user_sums = {
+        "requests_sum": Sum("requests"),
+        "input_sum": Sum("input_tokens"),
+        "output_sum": Sum("output_tokens"),
+        "cost_sum": Sum("cost"),
+    }
+    if period.bucket == "day":
+        user_rows = list(
+            DailyUserRollup.objects.filter(day__gte=period.start, day__lte=period.end)
+            .values("tenant_id", "user_id")
+            .annotate(**user_sums)
+            .order_by("-cost_sum", "-requests_sum", "tenant_id", "user_id")[:TOP_ROWS]
         )
-        .order_by("-cost_sum", "-requests_sum", "tenant_id", "user_id")[:TOP_ROWS]
-    ):
+    else:
+        user_rows = _grouped(
+            period, DailyUserRollup, MonthlyUserRollup, ("tenant_id", "user_id"), user_sums
+        )
+        user_rows.sort(
+            key=lambda row: (
+                -(row["cost_sum"] or 0),
+                -(row["requests_sum"] or 0),
+                row["tenant_id"],
+                row["user_id"],
+            )
+        )
+    for row in user_rows[:TOP_ROWS]:
         tenant = tenant_labels.get(row["tenant_id"], f"#{row['tenant_id']}")
         users.append(
             Ranked((row["tenant_id"], row["user_id"]), row["user_id"], Totals.of(row), 0.0, tenant)
@@ -286,7 +339,8 @@ def budgets_for(*, today: dt.date, tenant_labels: dict[int, str]) -> list[Budget
         for use in budget_usage(budgets=budgets, now=now)
     ]
     rows.sort(key=lambda row: (-row.use.percent, row.tenant_label, row.use.budget.period))
-    monthly = [row for row in rows if row.use.budget.period == BudgetPeriod.MONTH]
+    # Burn-down charts for the most used monthly budgets only: a page, not a wall.
+    monthly = [row for row in rows if row.use.budget.period == BudgetPeriod.MONTH][:BURN_CHARTS]
     if monthly:
         start, end = period_of(BudgetPeriod.MONTH, today)
         daily: dict[tuple[int, dt.date], tuple[int, Decimal]] = {}

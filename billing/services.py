@@ -27,6 +27,7 @@ from billing.models import (
     HourlyRollup,
     LedgerState,
     ModelPrice,
+    MonthlyRollup,
     PendingCommit,
     Statement,
     StatementAdjustment,
@@ -380,10 +381,14 @@ def budget_usage(*, budgets: list[Budget], now: dt.datetime | None = None) -> li
         if not any(budget.period == period for budget in budgets):
             continue
         start, end = period_of(period, today)
+        if period == BudgetPeriod.DAY:
+            rollups: Any = DailyRollup.objects.filter(tenant_id__in=tenant_ids, day=start)
+        else:
+            rollups = MonthlyRollup.objects.filter(tenant_id__in=tenant_ids, month=start)
         for row in (
-            DailyRollup.objects.filter(tenant_id__in=tenant_ids, day__gte=start, day__lt=end)
-            .values("tenant_id")
+            rollups.values("tenant_id")
             .annotate(tokens=Sum(F("input_tokens") + F("output_tokens")), cost=Sum("cost"))
+            .order_by()
         ):
             usage[(period, row["tenant_id"])] = (row["tokens"] or 0, row["cost"] or ZERO)
     result = []

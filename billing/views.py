@@ -125,7 +125,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     budgets = []
     for row in data.budgets:
         burn = None
-        if row.burn is not None and len(budgets) < 6:
+        if row.burn is not None:
             burn = charts.lines(
                 [charts.Series(label, values) for label, values in row.burn.series],
                 row.burn.labels,

@@ -30,7 +30,15 @@ from django.db import connection
 from django.db.models import Sum
 
 from billing import ingest
-from billing.models import DailyRollup, DailyUserRollup, HourlyRollup, PendingCommit, UsageEvent
+from billing.models import (
+    DailyRollup,
+    DailyUserRollup,
+    HourlyRollup,
+    MonthlyRollup,
+    MonthlyUserRollup,
+    PendingCommit,
+    UsageEvent,
+)
 from billing.rollups import rollups_reconcile
 from limits import engine
 from tests.billing.conftest import publish
@@ -287,22 +295,28 @@ def test_ten_thousand_events_survive_two_sigkilled_drains_exactly_once(
         assert stored["cost"].quantize(cents, ROUND_HALF_EVEN) == cost[(tenant, model)].quantize(
             cents, ROUND_HALF_EVEN
         )
-        daily = DailyRollup.objects.filter(tenant_id=tenant, model_id=model).aggregate(
-            requests=Sum("requests"), denied=Sum("denied"), cost=Sum("cost")
-        )
-        assert daily == {
-            "requests": expected["requests"],
-            "denied": denied[(tenant, model)],
-            "cost": cost[(tenant, model)],
-        }
+        for coarser in (DailyRollup, MonthlyRollup):
+            summed = coarser.objects.filter(tenant_id=tenant, model_id=model).aggregate(
+                requests=Sum("requests"),
+                denied=Sum("denied"),
+                tokens=Sum("input_tokens") + Sum("output_tokens"),
+                cost=Sum("cost"),
+            )
+            assert summed == {
+                "requests": expected["requests"],
+                "denied": denied[(tenant, model)],
+                "tokens": expected["input"] + expected["output"],
+                "cost": cost[(tenant, model)],
+            }
     assert sum(denied.values()) > 0
-    users = {
-        (row["tenant_id"], row["user_id"]): row["tokens"]
-        for row in DailyUserRollup.objects.values("tenant_id", "user_id").annotate(
-            tokens=Sum("input_tokens") + Sum("output_tokens")
-        )
-    }
-    assert users == {key: value["tokens"] for key, value in per_user.items()}
+    for user_rollup in (DailyUserRollup, MonthlyUserRollup):
+        users = {
+            (row["tenant_id"], row["user_id"]): row["tokens"]
+            for row in user_rollup.objects.values("tenant_id", "user_id").annotate(
+                tokens=Sum("input_tokens") + Sum("output_tokens")
+            )
+        }
+        assert users == {key: value["tokens"] for key, value in per_user.items()}
 
     hours = list(HourlyRollup.objects.values_list("hour", flat=True).distinct())
     check = rollups_reconcile(start=min(hours), end=max(hours) + dt.timedelta(hours=1))

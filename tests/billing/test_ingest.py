@@ -19,6 +19,8 @@ from billing.models import (
     DailyUserRollup,
     HourlyRollup,
     ModelPrice,
+    MonthlyRollup,
+    MonthlyUserRollup,
     PendingCommit,
     UsageEvent,
 )
@@ -94,6 +96,24 @@ def snapshot():
         sorted(
             DailyUserRollup.objects.values_list(
                 "day", "tenant_id", "user_id", "requests", "input_tokens", "output_tokens", "cost"
+            )
+        ),
+        sorted(
+            MonthlyRollup.objects.values_list(
+                "month",
+                "tenant_id",
+                "model_id",
+                "requests",
+                "denied",
+                "input_tokens",
+                "output_tokens",
+                "estimated_requests",
+                "cost",
+            )
+        ),
+        sorted(
+            MonthlyUserRollup.objects.values_list(
+                "month", "tenant_id", "user_id", "requests", "input_tokens", "output_tokens", "cost"
             )
         ),
     )
@@ -406,13 +426,14 @@ def test_reconcile_repairs_a_rollup_that_differs_from_the_raw_events(published, 
         requests=5, cost=Decimal("9")
     )
     DailyRollup.objects.filter(tenant_id=world.alice.pk).update(requests=5, cost=Decimal("9"))
+    MonthlyRollup.objects.filter(tenant_id=world.alice.pk).update(requests=5, cost=Decimal("9"))
 
     report = rollups_reconcile(start=HOUR, end=HOUR + dt.timedelta(hours=1))
 
     assert report.repaired == 1
-    # The daily rollup is corrected by the same difference; it had been tampered with too.
-    assert snapshot()[1] == right[1]
-    assert DailyRollup.objects.get(tenant_id=world.alice.pk).requests == 1
+    # The day and month above it are corrected by the same difference (they had been
+    # tampered with the same way).
+    assert snapshot() == right
     assert rollups_reconcile(start=HOUR, end=HOUR + dt.timedelta(hours=1)).repaired == 0
 
 

@@ -377,3 +377,33 @@ def test_the_overview_costs_the_same_few_queries_however_many_tenants_and_models
     with django_assert_max_num_queries(13):
         response = client.get(reverse("billing:dashboard"), query)
     assert len(response.context["data"].tenants) == 14
+
+
+def test_a_long_range_reads_whole_months_and_agrees_with_the_days(usage, client, finance_user):
+    """Past 62 days the overview reads whole months from the monthly rollups and the
+    partial first and last months from the daily ones: the same numbers."""
+    client.force_login(finance_user)
+    query = {"from": "2029-12-15", "to": "2030-02-20"}
+    data = client.get(reverse("billing:dashboard"), query).context["data"]
+
+    assert data.period.bucket == "month"
+    assert data.period.whole_months == (dt.date(2030, 1, 1), dt.date(2030, 2, 1))
+    days = DailyRollup.objects.filter(day__gte="2029-12-15", day__lte="2030-02-20")
+    for item in data.tenants:
+        expected = days.filter(tenant_id=item.key).aggregate(
+            requests=Sum("requests"), denied=Sum("denied"), cost=Sum("cost")
+        )
+        assert (item.totals.requests, item.totals.denied, item.totals.cost) == (
+            expected["requests"],
+            expected["denied"],
+            expected["cost"],
+        )
+    assert data.spend_by_tenant.labels == ["Dec 2029", "Jan 2030", "Feb 2030"]
+    alice = dict(data.spend_by_tenant.series)["alice"]
+    assert (
+        alice[1]
+        == days.filter(tenant_id=usage.alice.pk, day__lt="2030-02-01").aggregate(cost=Sum("cost"))[
+            "cost"
+        ]
+    )
+    assert [item.label for item in data.users[:2]] == ["al", "ann"]
