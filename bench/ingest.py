@@ -406,6 +406,11 @@ def run(args: argparse.Namespace, client: Any, settings: Any) -> int:
             f"   ratio drain / COPY: {ratio:.2f}× (goal ≥ {GOAL_RATIO}×); "
             f"{report['batches']} batches, {report['amended']} commits applied a batch later"
         )
+        print(
+            f"   drain time: {report['read_seconds']:.2f} s reading and parsing the streams, "
+            f"{report['write_seconds']:.2f} s in Postgres transactions, "
+            f"{report['ack_seconds']:.2f} s acknowledging and trimming"
+        )
     if args.part == "drain":
         return goals(ratio, None)
 

@@ -1241,6 +1241,10 @@ class DrainReport:
     batches: int = 0
     written: WriteReport = field(default_factory=WriteReport)
     seconds: float = 0.0
+    # Where the time went: reading and parsing, the Postgres transaction, acknowledging.
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    ack_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -1253,6 +1257,9 @@ class DrainReport:
             "denied_buckets": self.written.denied_buckets,
             "adjustments": self.written.adjustments,
             "seconds": round(self.seconds, 3),
+            "read_seconds": round(self.read_seconds, 3),
+            "write_seconds": round(self.write_seconds, 3),
+            "ack_seconds": round(self.ack_seconds, 3),
         }
 
 
@@ -1271,11 +1278,17 @@ def drain(
     report = DrainReport()
     try:
         for _ in range(max_batches):
+            moment = time.perf_counter()
             batch = chosen.read(count)
+            report.read_seconds += time.perf_counter() - moment
             if batch.entries or batch.denied:
+                moment = time.perf_counter()
                 report.written.add(ledger_write(batch.entries, batch.denied))
+                report.write_seconds += time.perf_counter() - moment
             if batch.ids or batch.local_count or batch.denied:
+                moment = time.perf_counter()
                 chosen.ack(batch)
+                report.ack_seconds += time.perf_counter() - moment
                 report.batches += 1
             elif batch.complete_round:
                 break
