@@ -141,7 +141,7 @@ def stacked_bars(
                 f"{escape(format_value(value, unit))}</title></rect>"
             )
     if not any(totals):
-        parts.append(_empty())
+        parts.append(_empty("No usage in this period"))
     return _svg(parts, title, "bars")
 
 
@@ -153,6 +153,7 @@ def lines(
     unit: str = "%",
     top: float | None = None,
     dashed: Sequence[str] = (),
+    empty: str = "No usage in this period",
 ) -> SafeString:
     """One polyline per series, a dot per value."""
     coloured = colours(series)
@@ -187,8 +188,8 @@ def lines(
                     f'fill="{item.colour}"><title>{escape(item.label)}, {escape(label)}: '
                     f"{escape(format_value(value, unit))}</title></circle>"
                 )
-    if highest <= 0:
-        parts.append(_empty())
+    if highest <= 0 and empty:
+        parts.append(_empty(empty))
     return _svg(parts, title, "lines")
 
 
@@ -200,10 +201,10 @@ def format_value(value: float, unit: str) -> str:
     return f"{value:,.0f}"
 
 
-def _empty() -> str:
+def _empty(text: str) -> str:
     return (
         f'<text class="empty" x="{(WIDTH + LEFT) / 2:.0f}" y="{HEIGHT / 2:.0f}" '
-        'text-anchor="middle">No usage in this period</text>'
+        f'text-anchor="middle">{escape(text)}</text>'
     )
 
 

@@ -133,6 +133,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
                 unit="%",
                 top=100.0,
                 dashed=("even pace",),
+                empty="",
             )
         budgets.append(
             {
@@ -156,6 +157,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             deny.labels,
             title="Share of checks denied",
             unit="%",
+            empty="No denied checks in this period",
         ),
         "budgets": budgets,
         "export_url": reverse("billing:export")
