@@ -9,6 +9,7 @@ from typing import Any
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException, NotFound, ValidationError
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -100,9 +101,19 @@ def _answers(ok: OpenApiResponse, **details: str) -> dict[int, OpenApiResponse]:
     return answers
 
 
+class JsonOnly(DefaultContentNegotiation):
+    """The API answers JSON whatever the Accept header says, without parsing it."""
+
+    def select_renderer(
+        self, request: Request, renderers: list[Any], format_suffix: str | None = None
+    ) -> tuple[Any, str]:
+        return renderers[0], renderers[0].media_type
+
+
 class ApiView(APIView):
     authentication_classes = [ApiKeyAuthentication]
     permission_classes = [IsAuthenticated]
+    content_negotiation_class = JsonOnly
 
 
 class CheckView(ApiView):
@@ -115,9 +126,7 @@ class CheckView(ApiView):
         summary="Ask before an inference",
     )
     def post(self, request: Request) -> Response:
-        body = CheckRequestSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = body.validated_data
+        data = CheckRequestSerializer.validated(request.data)
         client = request.user
         decision = engine.check(
             client.tenant_id,
@@ -144,9 +153,7 @@ class UsageView(ApiView):
         summary="Report what an inference really used",
     )
     def post(self, request: Request) -> Response:
-        body = UsageRequestSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = body.validated_data
+        data = UsageRequestSerializer.validated(request.data)
         settled = engine.commit(
             request.user.tenant_id,
             data["request_id"],
@@ -177,9 +184,7 @@ class QuotaView(ApiView):
         summary="Where a user stands, consuming nothing",
     )
     def get(self, request: Request) -> Response:
-        query = QuotaQuerySerializer(data=request.query_params.dict())
-        query.is_valid(raise_exception=True)
-        data = query.validated_data
+        data = QuotaQuerySerializer.validated(request.query_params.dict())
         decision = engine.quota(request.user.tenant_id, data["user_id"], data["model"])
         return Response(
             {
