@@ -7,6 +7,7 @@ Listens on 127.0.0.1:$PORT (8000 by default); behind a proxy or in a container, 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -35,14 +36,21 @@ except ImproperlyConfigured as error:
 
 # Metrics of every worker in one scrape: prometheus-client keeps them in files here. Set
 # before the application (and prometheus-client) is loaded.
+_own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quota-metrics-")
+    _own_metrics_dir = tempfile.mkdtemp(prefix="quota-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
 
 
 def child_exit(server: object, worker: object) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    if _own_metrics_dir is not None:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
 
 
 wsgi_app = "quota_platform.wsgi:application"
@@ -64,9 +72,10 @@ preload_app = True
 timeout = 30
 graceful_timeout = 30
 keepalive = 5
-# Recycle workers now and then so slow leaks in any library stay bounded.
-max_requests = 2000
-max_requests_jitter = 200
+# Workers are not recycled after a number of requests: at check rates a limit of a few
+# thousand restarts each worker every few seconds, and every restart costs its key cache,
+# its policy and a set of metric files that stay in the directory above for good.
+max_requests = 0
 
 # One fixed socket path per user would clash between two instances on one machine.
 control_socket_disable = True
