@@ -45,13 +45,14 @@ _cache_lock = threading.Lock()
 
 
 def api_client_for(raw: str) -> ApiClient | None:
-    if apikey_parse(raw) is None:
-        return None
-    digest = hashlib.sha256(raw.strip().encode()).digest()
+    raw = raw.strip()
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).digest()
     now = time.monotonic()
     cached = _cache.get(digest)
     if cached is not None and cached[0] > now:
-        return cached[1]
+        return cached[1]  # this very text was verified a moment ago
+    if apikey_parse(raw) is None:
+        return None  # malformed or a wrong checksum: refused without a query
     api_key = apikey_authenticate(raw)
     if api_key is None:
         _cache.pop(digest, None)
