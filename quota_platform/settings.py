@@ -267,4 +267,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+    # Django logs every 4xx answer as a warning. gunicorn's access log already has each
+    # request with its status, and a flood of bad keys would otherwise also cost a
+    # formatted warning apiece; server errors are still logged with their traceback.
+    "loggers": {"django.request": {"level": "ERROR"}},
 }
