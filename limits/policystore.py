@@ -27,6 +27,8 @@ from django.conf import settings
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from limits.redis_client import Client, redis_client
+
 if TYPE_CHECKING:
     from limits.engine import Plan
 
@@ -74,13 +76,13 @@ class PolicyStore:
         # Bumped by every swap: a poll that read Redis before a local publish must not put
         # the older document back over the newer one.
         self._generation = 0
-        self.redis: redis.Redis | None = None
+        self.redis: Client | None = None
         if settings.REDIS_URL:
             # Policy traffic is rare and a document can be large: its own, patient client.
             # One immediate retry of a dropped connection, none of a timeout: redis-py's
             # default (ten retries with backoff) would hold a first check, or an admin save
             # publishing on commit, for many seconds while Redis is away.
-            self.redis = redis.Redis.from_url(
+            self.redis = redis_client(
                 settings.REDIS_URL,
                 socket_timeout=5,
                 socket_connect_timeout=1,
@@ -255,7 +257,7 @@ def policy_reconcile() -> Reconciled:
 
     version_key, document_key = _keys()
     for _attempt in range(5):
-        with store.redis.pipeline() as pipe:
+        with store.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(version_key, document_key)
                 raw = pipe.get(version_key)

@@ -68,3 +68,27 @@ def finance_user(db) -> AbstractUser:
 @pytest.fixture
 def superuser(db) -> AbstractUser:
     return UserFactory(username="root", is_superuser=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real three-primary Redis Cluster on loopback, started once for the whole run."""
+    from tests.processes import RedisCluster
+
+    if not RedisCluster.available():
+        pytest.skip("redis-server and redis-cli are not installed; a cluster needs both")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def on_cluster(redis_cluster, settings):
+    """This test's engine, policy store and drain on the cluster."""
+    settings.REDIS_URL = redis_cluster.url
+    settings.REDIS_CLUSTER = True
+    settings.QUOTA_BACKEND = "redis"
+    engine.reset_state()
+    yield redis_cluster
+    engine.reset_state()

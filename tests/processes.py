@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -118,6 +119,125 @@ class RedisServer:
         import redis
 
         return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher, so at most 65,535) is free too."""
+    for _ in range(200):
+        port = random.randint(20_000, 55_000)
+        try:
+            with socket.socket() as first, socket.socket() as bus:
+                first.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of loopback ports for a cluster node")
+
+
+class RedisCluster:
+    """A Redis Cluster of three primaries (no replicas) on free loopback ports, each
+    redis-server in a directory of its own, built with ``redis-cli --cluster create``."""
+
+    PRIMARIES = 3
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ports: list[int] = []
+        while len(self.ports) < self.PRIMARIES:
+            port = _free_cluster_port()
+            if port not in self.ports:
+                self.ports.append(port)
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
+
+    @property
+    def url(self) -> str:
+        """Any one node: the cluster client learns the others from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        try:
+            for port in self.ports:
+                node = self.directory / str(port)
+                node.mkdir(parents=True, exist_ok=True)
+                log = (node / "redis.log").open("ab")
+                self.processes.append(
+                    subprocess.Popen(
+                        [
+                            "redis-server",
+                            "--port",
+                            str(port),
+                            "--bind",
+                            "127.0.0.1",
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            str(node / "nodes.conf"),
+                            "--cluster-node-timeout",
+                            "2000",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                            "--daemonize",
+                            "no",
+                            "--dir",
+                            str(node),
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+                log.close()
+            for port in self.ports:
+                self._wait(port, lambda client: client.ping())
+            subprocess.run(
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{port}" for port in self.ports),
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            for port in self.ports:
+                self._wait(port, lambda client: client.cluster("info")["cluster_state"] == "ok")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, port: int, ready: Any) -> None:
+        import redis
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(process.poll() is not None for process in self.processes):
+                raise RuntimeError(f"a cluster node exited; see the logs under {self.directory}")
+            with (
+                contextlib.suppress(redis.RedisError),
+                redis.Redis(port=port, socket_timeout=5, decode_responses=True) as client,
+            ):
+                if ready(client):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"cluster node 127.0.0.1:{port} was not ready within 20 s")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            process.wait(timeout=10)
+        self.processes = []
 
 
 class EngineProcess:
