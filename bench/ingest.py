@@ -407,9 +407,10 @@ def run(args: argparse.Namespace, client: Any, settings: Any) -> int:
             f"{report['batches']} batches, {report['amended']} commits applied a batch later"
         )
         print(
-            f"   drain time: {report['read_seconds']:.2f} s reading and parsing the streams, "
-            f"{report['write_seconds']:.2f} s in Postgres transactions, "
-            f"{report['ack_seconds']:.2f} s acknowledging and trimming"
+            f"   drain time: {report['write_seconds']:.2f} s in Postgres transactions, "
+            f"{report['wait_seconds']:.2f} s waiting for the reading thread, which spent "
+            f"{report['read_seconds']:.2f} s reading and laying out batches and "
+            f"{report['ack_seconds']:.2f} s acknowledging and trimming while Postgres worked"
         )
     if args.part == "drain":
         return goals(ratio, None)

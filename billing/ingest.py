@@ -27,7 +27,9 @@ entries come from ``engine.local_backend().events`` in this process instead.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -37,7 +39,8 @@ import uuid
 import weakref
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -107,20 +110,27 @@ class Entry:
     at_us: int
 
 
+# The limiter writes microseconds of Redis time and token counts; anything outside these
+# bounds is not something it wrote (and would not fit PostgreSQL's bigint and timestamp).
+MAX_COUNT = 2**62
+MAX_AT_US = 253_402_300_800_000_000  # year 10000
+
+
+def _count(value: Any) -> int:
+    number = int(value)
+    if not -MAX_COUNT < number < MAX_COUNT:
+        raise ValueError(f"{value!r} is out of range")
+    return number
+
+
 def entry_parse(tenant_id: int, entry_id: str, fields: dict[str, str]) -> Entry | None:
     """An entry as the engine wrote it; None (logged) for one that is not."""
     try:
-        kind = fields["k"]
         data = json.loads(fields["e"])
-        at_us = int(fields["t"])
-        if kind not in ("check", "commit") or not isinstance(data, dict):
-            raise ValueError(kind)
-        str(data["request_id"])
-        if kind == "check":
-            int(data["tokens"])
-        else:
-            int(data["input_tokens"]), int(data["output_tokens"])
-    except (KeyError, TypeError, ValueError) as error:
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return entry_normalised(Entry(tenant_id, entry_id, fields["k"], data, int(fields["t"])))
+    except (KeyError, TypeError, ValueError, OverflowError, UnicodeError) as error:
         logger.error(
             "billing: skipping malformed usage entry %s of tenant %s (%r): %s",
             entry_id,
@@ -129,18 +139,112 @@ def entry_parse(tenant_id: int, entry_id: str, fields: dict[str, str]) -> Entry 
             error,
         )
         return None
-    return Entry(tenant_id, entry_id, kind, data, at_us)
+
+
+def entry_normalised(entry: Entry) -> Entry:
+    """The entry with the values billing reads in the types it writes them (the request id
+    and names as text, counts as integers); raises ValueError, TypeError or KeyError for an
+    entry the engine cannot have written."""
+    data = entry.data
+    tenant_id = _count(entry.tenant_id)
+    if entry.kind not in ("check", "commit"):
+        raise ValueError(f"kind {entry.kind!r}")
+    if not 0 <= entry.at_us < MAX_AT_US:
+        raise ValueError(f"time {entry.at_us!r}")
+    if data["request_id"] is None:
+        raise ValueError("no request id")
+    normal = {**data, "request_id": _name(data["request_id"])}
+    if entry.kind == "check":
+        key = data.get("key")
+        normal["key"] = None if key is None else _count(key)
+        normal["tokens"] = _count(data["tokens"])
+        normal["user"] = _name(data.get("user") or "")
+        normal["model"] = _name(data.get("model") or "")
+        normal["version"] = _count(data.get("version") or 0)
+    else:
+        normal["input_tokens"] = _count(data["input_tokens"])
+        normal["output_tokens"] = _count(data["output_tokens"])
+        normal["status"] = _name(str(data.get("status") or "ok")[:16])
+    return Entry(tenant_id, _name(entry.entry_id, 64), entry.kind, normal, entry.at_us)
+
+
+def _name(value: Any, longest: int = 200) -> str:
+    """A request id, user, model or status as the database can hold it."""
+    text = str(value)
+    if len(text) > longest or "\x00" in text:
+        raise ValueError(f"{text[:40]!r}… is longer than {longest} or holds a NUL")
+    text.encode()  # a lone surrogate (from a JSON escape) cannot be stored
+    return text
+
+
+class StreamEntries:
+    """Stream entries as Redis returned them (bytes), per tenant stream. On PostgreSQL they
+    go to the database without being parsed in Python; ``parsed`` is for everywhere else and
+    for entries that are not shaped as the engine writes them."""
+
+    def __init__(self) -> None:
+        self.streams: list[tuple[int, list[Any]]] = []
+        self.count = 0
+        self._staged: Any = None
+        self._staged_made = False
+
+    def add(self, tenant_id: int, items: list[Any]) -> None:
+        self.streams.append((tenant_id, items))
+        self.count += len(items)
+        self._staged_made = False
+
+    def __len__(self) -> int:
+        return self.count
+
+    def staged(self) -> Any:
+        """The entries laid out for PostgreSQL's ``COPY`` (``ledger_postgres.Staged``), or
+        None when a value needs escaping; worked out once."""
+        if not self._staged_made:
+            from billing.ledger_postgres import staged_from_stream
+
+            self._staged = staged_from_stream(self.streams)
+            self._staged_made = True
+        return self._staged
+
+    def parsed(self) -> list[Entry]:
+        """The entries parsed and normalised in Python; malformed ones logged and left out."""
+        entries: dict[tuple[int, str], Entry] = {}
+        for tenant_id, items in self.streams:
+            for raw_id, flat in items:
+                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                try:
+                    fields = {
+                        _text(name): _text(value)
+                        for name, value in zip(flat[::2], flat[1::2], strict=False)
+                    }
+                except UnicodeDecodeError as error:
+                    logger.error(
+                        "billing: skipping malformed usage entry %s of tenant %s (%r): %s",
+                        entry_id,
+                        tenant_id,
+                        flat,
+                        error,
+                    )
+                    continue
+                entry = entry_parse(tenant_id, entry_id, fields)
+                if entry is not None:
+                    entries[(tenant_id, entry_id)] = entry
+        return list(entries.values())
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
 class Batch:
     """What one read returned, and what its source needs to acknowledge it."""
 
-    entries: list[Entry] = field(default_factory=list)
+    entries: list[Entry] | StreamEntries = field(default_factory=list)
     # tenant -> {"<hour>|<model>": denied checks}, the counters' current absolute values
     denied: dict[int, dict[str, int]] = field(default_factory=dict)
     # tenant -> entry ids read (acknowledged after the write)
-    ids: dict[int, list[str]] = field(default_factory=dict)
+    ids: dict[int, list[Any]] = field(default_factory=dict)
     local_count: int = 0
     complete_round: bool = True  # every tenant was asked
 
@@ -168,19 +272,36 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a batch is read and laid out.
+
+    A batch is hundreds of thousands of small objects (the reply's bytes and lists, the
+    parsed documents) and none of them is part of a cycle, but each few hundred made trigger
+    a collection that walks them again: with it running, reading a batch takes about twice
+    as long. Reference counting still frees everything; the collector resumes after."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 class RedisSource:
     """Reads the tenants' usage streams in Redis through the consumer group ``billing``."""
 
     def __init__(self, url: str | None = None, *, consumer: str | None = None) -> None:
-        self.client = redis.Redis.from_url(
-            url or settings.REDIS_URL,
-            decode_responses=True,
-            socket_timeout=30,
-            socket_connect_timeout=5,
-        )
-        # Stream replies as Redis sends them: no dict per entry, parsed once below.
+        address = str(url or settings.REDIS_URL)
+        options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5}
+        self.client = redis.Redis.from_url(address, decode_responses=True, **options)
+        # Stream entries stay bytes, in the lists Redis sends (no dict or str per entry),
+        # and are parsed once, where they are laid out for the database.
+        self.entries_client = redis.Redis.from_url(address, **options)
         for command in ("XREADGROUP", "XAUTOCLAIM"):
-            self.client.set_response_callback(command, _raw_reply)
+            self.entries_client.set_response_callback(command, _raw_reply)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._grouped: set[str] = set()
         self._offset = 0
@@ -188,6 +309,7 @@ class RedisSource:
 
     def close(self) -> None:
         self.client.close()
+        self.entries_client.close()
 
     def _ensure_groups(self, keys: Iterable[str]) -> None:
         missing = [key for key in keys if key not in self._grouped]
@@ -202,21 +324,37 @@ class RedisSource:
                 raise result
             self._grouped.add(key)
 
-    def read(self, count: int) -> Batch:
-        tenants = _tenant_ids()
-        batch = Batch()
+    def read(
+        self,
+        count: int,
+        *,
+        tenants: Sequence[int] | None = None,
+        held: dict[int, list[Any]] | None = None,
+    ) -> Batch:
+        """Up to about ``count`` entries (``count`` per stream, streams visited in turn until
+        that many were read). ``held``: entries this consumer is still writing, which a
+        claim must not hand back to it."""
+        if tenants is None:
+            tenants = _tenant_ids()
         if not tenants:
-            return batch
+            return Batch()
+        with cyclic_gc_paused():
+            return self._read(count, tenants, held)
+
+    def _read(self, count: int, tenants: Sequence[int], held: dict[int, list[Any]] | None) -> Batch:
+        batch = Batch()
         start = self._offset % len(tenants)
-        order = tenants[start:] + tenants[:start]
+        order = [*tenants[start:], *tenants[:start]]
         idle_ms = int(settings.BILLING_CLAIM_IDLE_SECONDS * 1000)
+        entries = StreamEntries()
+        batch.entries = entries
         visited = 0
         total = 0
         for first in range(0, len(order), STREAMS_PER_ROUND):
             chunk = order[first : first + STREAMS_PER_ROUND]
             keys = [stream_key(tenant) for tenant in chunk]
             self._ensure_groups(keys)
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.entries_client.pipeline(transaction=False)
             for tenant, key in zip(chunk, keys, strict=True):
                 pipe.xautoclaim(key, GROUP, self.consumer, idle_ms, start_id="0-0", count=count)
                 pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=count)
@@ -231,25 +369,24 @@ class RedisSource:
                             continue
                         raise result
                 raw: list[Any] = []
-                if isinstance(claimed, list) and len(claimed) > 1:
+                if isinstance(claimed, list) and len(claimed) > 1 and claimed[1]:
                     # Entries deleted while pending come back without fields (Redis 6.2).
-                    raw.extend(item for item in claimed[1] if item and item[1] is not None)
+                    mine = set(held.get(tenant, ())) if held else set()
+                    raw.extend(
+                        item
+                        for item in claimed[1]
+                        if item and item[1] is not None and item[0] not in mine
+                    )
                 if fresh:
                     # A map under RESP3, a list of [stream, entries] pairs under RESP2.
                     for _stream, items in fresh.items() if isinstance(fresh, dict) else fresh:
                         raw.extend(items)
                 if raw:
                     batch.ids[tenant] = [entry_id for entry_id, _ in raw]
-                append = batch.entries.append
-                for entry_id, flat in raw:
-                    entry = entry_parse(
-                        tenant, entry_id, dict(zip(flat[::2], flat[1::2], strict=False))
-                    )
-                    if entry is not None:
-                        append(entry)
+                    entries.add(tenant, raw)
                 total += len(raw)
                 if isinstance(denied, dict) and denied:
-                    counts = {name: int(value) for name, value in denied.items()}
+                    counts = {_text(name): int(value) for name, value in denied.items()}
                     if counts != self._denied_seen.get(tenant):
                         batch.denied[tenant] = counts
             visited += len(chunk)
@@ -257,6 +394,9 @@ class RedisSource:
                 break
         self._offset = start + visited
         batch.complete_round = visited == len(order)
+        if connection.vendor == "postgresql":
+            # Laid out here, on the reading thread, while the previous batch is written.
+            entries.staged()
         return batch
 
     def ack(self, batch: Batch) -> None:
@@ -346,8 +486,16 @@ class LocalSource:
     def close(self) -> None:
         pass
 
-    def read(self, count: int) -> Batch:
+    def read(
+        self,
+        count: int,
+        *,
+        tenants: Sequence[int] | None = None,
+        held: dict[int, list[Any]] | None = None,
+    ) -> Batch:
         batch = Batch()
+        entries: list[Entry] = []
+        batch.entries = entries
         taken = self.backend.events[:count]
         batch.local_count = len(taken)
         for raw in taken:
@@ -357,8 +505,8 @@ class LocalSource:
                 tenant = 0
             entry = entry_parse(tenant, f"L{uuid.uuid4().hex}", raw)
             if entry is not None:
-                batch.entries.append(entry)
-        for tenant in _tenant_ids():
+                entries.append(entry)
+        for tenant in _tenant_ids() if tenants is None else tenants:
             counts = self.backend.counters(denied_key(tenant))
             if counts and counts != self._denied_seen.get(tenant):
                 batch.denied[tenant] = {name: int(value) for name, value in counts.items()}
@@ -779,9 +927,69 @@ def ledger_lock() -> None:
     LedgerState.objects.select_for_update().filter(name="drain").first()
 
 
-def ledger_write(entries: Sequence[Entry], denied: dict[int, dict[str, int]]) -> WriteReport:
+def ledger_write(
+    entries: Sequence[Entry] | StreamEntries, denied: dict[int, dict[str, int]]
+) -> WriteReport:
     """Write one batch of stream entries and denied counts, with their rollups, in one
-    transaction. Writing the same batch again changes nothing."""
+    transaction. Writing the same batch again changes nothing.
+
+    On PostgreSQL the work is set-based SQL (``billing/ledger_postgres.py``); elsewhere (the
+    embedded SQLite) it is done here in Python, by the same rules."""
+    if connection.vendor == "postgresql":
+        return _ledger_write_postgres(entries, denied)
+    if isinstance(entries, StreamEntries):
+        entries = entries.parsed()
+    return ledger_write_portable(entries, denied)
+
+
+def _ledger_write_postgres(
+    entries: Sequence[Entry] | StreamEntries, denied: dict[int, dict[str, int]]
+) -> WriteReport:
+    from billing import ledger_postgres
+
+    if isinstance(entries, StreamEntries):
+        staged = entries.staged()
+        if staged is not None:
+            try:
+                with transaction.atomic():
+                    return _write_staged(staged, denied)
+            except ledger_postgres.NotAsWritten as error:
+                # A value the database refused (too long, out of range, not text): lay the
+                # batch out again with every entry checked, leaving out what is malformed.
+                logger.warning("billing: a batch is checked entry by entry: %s", error)
+        careful = ledger_postgres.staged_from_entries(entries.parsed())
+    else:
+        careful = ledger_postgres.staged_from_entries(entries)
+    with transaction.atomic():
+        return _write_staged(careful, denied)
+
+
+def _write_staged(staged: Any, denied: dict[int, dict[str, int]]) -> WriteReport:
+    from billing import ledger_postgres
+
+    ledger_lock()
+    ledger_postgres.stage(staged)
+    written = ledger_postgres.write_staged(staged, pending_limit=PENDING_PER_WRITE)
+    report = WriteReport(
+        read=staged.entries,
+        inserted=written.inserted,
+        amended=written.amended,
+        duplicates=staged.checks - written.inserted,
+        pending_commits=written.pending_before - written.pending_applied + written.pending_added,
+        adjustments=written.adjustments,
+        hours=written.hours,
+    )
+    deltas = RollupDeltas()
+    report.denied_buckets = _store_denied(denied, deltas)
+    deltas.apply()
+    return report
+
+
+def ledger_write_portable(
+    entries: Sequence[Entry], denied: dict[int, dict[str, int]]
+) -> WriteReport:
+    """``ledger_write`` in Python and portable SQL: the embedded SQLite's, and the reference
+    the PostgreSQL write is tested against."""
     report = WriteReport(read=len(entries))
     checks: dict[tuple[int, str], Entry] = {}
     commits: dict[tuple[int, str], Entry] = {}
@@ -1241,9 +1449,12 @@ class DrainReport:
     batches: int = 0
     written: WriteReport = field(default_factory=WriteReport)
     seconds: float = 0.0
-    # Where the time went: reading and parsing, the Postgres transaction, acknowledging.
-    read_seconds: float = 0.0
+    # Where the time went. In Postgres transactions, and waiting for the reading thread;
+    # that thread's own time reading and laying out batches, and acknowledging them, is
+    # spent while Postgres works (with the in-process limiter, in turn).
     write_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    read_seconds: float = 0.0
     ack_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -1257,8 +1468,9 @@ class DrainReport:
             "denied_buckets": self.written.denied_buckets,
             "adjustments": self.written.adjustments,
             "seconds": round(self.seconds, 3),
-            "read_seconds": round(self.read_seconds, 3),
             "write_seconds": round(self.write_seconds, 3),
+            "wait_seconds": round(self.wait_seconds, 3),
+            "read_seconds": round(self.read_seconds, 3),
             "ack_seconds": round(self.ack_seconds, 3),
         }
 
@@ -1270,29 +1482,70 @@ def drain(
     batch_size: int | None = None,
 ) -> DrainReport:
     """Drain batches until every stream is empty (or ``max_batches``); each batch is written
-    in one transaction and acknowledged after it committed."""
+    in one transaction and acknowledged after it committed.
+
+    From Redis, a second thread reads (and lays out) the next batch and acknowledges the
+    last one while this one is written: Redis, Python and Postgres work at the same time. A
+    batch read ahead is pending under this consumer like any other, and one written but not
+    yet acknowledged is recognised when it comes back, so a drain that dies loses nothing
+    and doubles nothing."""
     started = time.monotonic()
     owned = source is None
     chosen = source or source_default()
     count = batch_size or settings.BILLING_DRAIN_BATCH
     report = DrainReport()
+    tenants = _tenant_ids()
+
+    def read(held: dict[int, list[Any]] | None = None) -> Batch:
+        moment = time.perf_counter()
+        batch = chosen.read(count, tenants=tenants, held=held)
+        report.read_seconds += time.perf_counter() - moment
+        return batch
+
+    def ack(batch: Batch) -> None:
+        moment = time.perf_counter()
+        chosen.ack(batch)
+        report.ack_seconds += time.perf_counter() - moment
+
+    reader = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="billing-read")
+        if isinstance(chosen, RedisSource)
+        else None
+    )
+    ahead: Future[Batch] | None = None
+    acked: Future[None] | None = None
     try:
-        for _ in range(max_batches):
-            moment = time.perf_counter()
-            batch = chosen.read(count)
-            report.read_seconds += time.perf_counter() - moment
+        for number in range(max_batches):
+            if ahead is not None:
+                moment = time.perf_counter()
+                batch, ahead = ahead.result(), None
+                report.wait_seconds += time.perf_counter() - moment
+            else:
+                moment = time.perf_counter()
+                batch = read()
+                report.wait_seconds += time.perf_counter() - moment
+            if not (batch.ids or batch.local_count or batch.denied):
+                if batch.complete_round:
+                    break
+                continue
+            if reader is not None and number + 1 < max_batches:
+                ahead = reader.submit(read, batch.ids)
             if batch.entries or batch.denied:
                 moment = time.perf_counter()
                 report.written.add(ledger_write(batch.entries, batch.denied))
                 report.write_seconds += time.perf_counter() - moment
-            if batch.ids or batch.local_count or batch.denied:
-                moment = time.perf_counter()
-                chosen.ack(batch)
-                report.ack_seconds += time.perf_counter() - moment
-                report.batches += 1
-            elif batch.complete_round:
-                break
+            if reader is None:
+                ack(batch)
+            else:
+                if acked is not None:
+                    acked.result()  # a failed acknowledgement stops the drain
+                acked = reader.submit(ack, batch)
+            report.batches += 1
+        if acked is not None:
+            acked.result()
     finally:
+        if reader is not None:
+            reader.shutdown(wait=True)
         if owned:
             chosen.close()
     report.seconds = time.monotonic() - started

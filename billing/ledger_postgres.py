@@ -1,0 +1,732 @@
+"""The ledger write on PostgreSQL: one batch of stream entries, set-based.
+
+Python does what it can do before the transaction, on the thread that reads the streams
+while the previous batch is written: it parses the entries, settles each check with its
+commit when both are in the batch, and lays the result out as ``COPY`` text, one row per
+check and one per commit left over. In the transaction, the rows are copied into a
+temporary table and one statement does the rest: it prices the checks at the price in force
+when they happened, inserts those that are new (``ON CONFLICT DO NOTHING`` on (tenant,
+stream entry id)), amends checks stored before with the commits left over, keeps commits
+whose check has not arrived in ``PendingCommit``, moves the five rollups by exactly what was
+inserted or amended (``INSERT … SELECT … GROUP BY … ON CONFLICT DO UPDATE``), and records
+statement adjustments for months already finalised. Commits that waited in
+``PendingCommit`` are tried by a second run of the statement, after the first one's rows
+are visible.
+
+The rules are those of the portable write in ``billing/ingest.py`` (used on SQLite), and
+``tests/billing/test_ingest.py`` holds the two to the same results:
+
+- a commit settles the latest check of its request at or before it (the latest one if none
+  is); in the batch when the check is there, even after the commit, else a stored one;
+- of several commits reaching the same check, the earliest settles it, the others change
+  nothing (logged when they differ);
+- a request never committed is billed at its estimate, as input tokens at the input price.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from django.db import DataError, connection, transaction
+
+from billing.ingest import MAX_AT_US, Entry, entry_normalised
+
+logger = logging.getLogger(__name__)
+
+# This batch's checks, each with its commit when that is in the batch too, and the commits
+# left over (their check is stored, in another consumer's hands, or lost to an earlier
+# commit).
+CHECKS = "billing_drain_checks"
+CHECK_COLUMNS = (
+    "tenant_id bigint, event_id text, at_us bigint, request_id text, api_key_id bigint, "
+    "user_id text, model_id text, policy_version bigint, estimated_tokens bigint, "
+    "commit_id text, commit_at_us bigint, input_tokens bigint, output_tokens bigint, "
+    "status text"
+)
+COMMITS = "billing_drain_commits"
+COMMIT_COLUMNS = (
+    "tenant_id bigint, commit_id text, at_us bigint, request_id text, input_tokens bigint, "
+    "output_tokens bigint, status text"
+)
+_UNSETTLED = "\t\t\t\t\t\n"
+
+
+class NotAsWritten(Exception):  # noqa: N818 - it is a condition, not a failure
+    """A staged value the database refused (out of range, too long, not text)."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A batch laid out for ``COPY``."""
+
+    checks_text: bytes
+    commits_text: bytes
+    entries: int  # stream entries it holds
+    checks: int
+    models: frozenset[str]  # of the checks
+
+
+# json.loads without its wrapping (finding the encoding, skipping white space, checking for
+# more after the document), which costs more than the parse of an entry's small document:
+# the C scanner on text, the end checked here. Anything unusual goes to json.loads.
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+# -- laying a batch out ------------------------------------------------------------------
+# A check is a list [tenant, entry id, time, request id, key, user, model, version, tokens,
+# commit], a commit a tuple (tenant, entry id, time, request id, input, output, status): no
+# object per entry, the batch may hold tens of thousands.
+
+
+def staged_from_stream(streams: Iterable[tuple[int, list[Any]]]) -> Staged | None:
+    """Entries as Redis returned them, laid out for ``COPY``; None when a value would need
+    escaping (then ``staged_from_entries`` does it carefully).
+
+    Entries shaped exactly as the engine writes them take the quick way; any other goes
+    through ``entry_normalised``, which logs and leaves out what is malformed."""
+    from billing.ingest import StreamEntries
+
+    scan = _scan_json
+    checks: list[list[Any]] = []
+    commits: list[tuple[Any, ...]] = []
+    odd = StreamEntries()
+    count = 0
+    for tenant_id, items in streams:
+        odd_items = []
+        for raw_id, flat in items:
+            if len(flat) == 6 and flat[0] == b"k" and flat[2] == b"e" and flat[4] == b"t":
+                kind = flat[1]
+                try:
+                    text = flat[3].decode()
+                    data, end = scan(text, 0)
+                    at_us = int(flat[5])
+                except (ValueError, StopIteration):
+                    odd_items.append((raw_id, flat))
+                    continue
+                if end != len(text):
+                    odd_items.append((raw_id, flat))
+                    continue
+                if type(data) is dict and 0 <= at_us < MAX_AT_US:
+                    get = data.get
+                    request_id = get("request_id")
+                    if kind == b"check":
+                        key, user, model = get("key"), get("user"), get("model")
+                        version, tokens = get("version"), get("tokens")
+                        if (
+                            type(request_id) is str
+                            and type(user) is str
+                            and type(model) is str
+                            and type(tokens) is int
+                            and type(version) is int
+                            and (key is None or type(key) is int)
+                        ):
+                            checks.append(
+                                [
+                                    tenant_id,
+                                    raw_id.decode(),
+                                    at_us,
+                                    request_id,
+                                    key,
+                                    user,
+                                    model,
+                                    version,
+                                    tokens if tokens > 0 else 0,
+                                    None,
+                                ]
+                            )
+                            count += 1
+                            continue
+                    elif kind == b"commit":
+                        used_in, used_out = get("input_tokens"), get("output_tokens")
+                        status = get("status")
+                        if (
+                            type(request_id) is str
+                            and type(used_in) is int
+                            and type(used_out) is int
+                            and type(status) is str
+                            and 0 < len(status) <= 16
+                        ):
+                            commits.append(
+                                (
+                                    tenant_id,
+                                    raw_id.decode(),
+                                    at_us,
+                                    request_id,
+                                    used_in if used_in > 0 else 0,
+                                    used_out if used_out > 0 else 0,
+                                    status,
+                                )
+                            )
+                            count += 1
+                            continue
+            odd_items.append((raw_id, flat))
+        if odd_items:
+            odd.add(tenant_id, odd_items)
+    if odd.count:
+        for entry in odd.parsed():
+            _add_entry(entry, checks, commits)
+            count += 1
+    unmatched = _merge(checks, commits)
+    checks_text = _quick_text([_check_line(check) for check in checks], 14)
+    commits_text = _quick_text([_commit_line(commit) for commit in unmatched], 7)
+    if checks_text is None or commits_text is None:
+        return None
+    models = frozenset(check[6] for check in checks)
+    return Staged(checks_text, commits_text, count, len(checks), models)
+
+
+def _quick_text(lines: list[str], columns: int) -> bytes | None:
+    """Lines joined for ``COPY``; None when a value holds what would need escaping."""
+    text = "".join(lines)
+    # Names are the callers' text: a tab or line break in one would shift the columns, so
+    # such a batch is laid out again with every value escaped. A backslash only needs
+    # doubling, and nothing else in a row has one.
+    if text.count("\t") != (columns - 1) * len(lines) or text.count("\n") != len(lines):
+        return None
+    if "\r" in text:
+        return None
+    try:
+        return text.replace("\\", "\\\\").encode()
+    except UnicodeEncodeError:
+        return None
+
+
+def staged_from_entries(entries: Iterable[Entry]) -> Staged:
+    """Parsed entries laid out for ``COPY``, every value checked and escaped; malformed ones
+    are logged and left out."""
+    checks: list[list[Any]] = []
+    commits: list[tuple[Any, ...]] = []
+    unique: dict[tuple[int, str], Entry] = {}
+    for entry in entries:
+        try:
+            unique[(entry.tenant_id, entry.entry_id)] = entry_normalised(entry)
+        except (KeyError, TypeError, ValueError, OverflowError, UnicodeError) as error:
+            logger.error(
+                "billing: skipping malformed usage entry %s of tenant %s: %s",
+                entry.entry_id,
+                entry.tenant_id,
+                error,
+            )
+    for entry in unique.values():
+        _add_entry(entry, checks, commits)
+    unmatched = _merge(checks, commits)
+    checks_text = "".join(_escaped(_check_values(check)) for check in checks).encode()
+    commits_text = "".join(_escaped(list(commit)) for commit in unmatched).encode()
+    models = frozenset(check[6] for check in checks)
+    return Staged(checks_text, commits_text, len(unique), len(checks), models)
+
+
+def _add_entry(entry: Entry, checks: list[list[Any]], commits: list[tuple[Any, ...]]) -> None:
+    data = entry.data
+    if entry.kind == "check":
+        checks.append(
+            [
+                entry.tenant_id,
+                entry.entry_id,
+                entry.at_us,
+                data["request_id"],
+                data["key"],
+                data["user"],
+                data["model"],
+                data["version"],
+                max(0, data["tokens"]),
+                None,
+            ]
+        )
+    else:
+        commits.append(
+            (
+                entry.tenant_id,
+                entry.entry_id,
+                entry.at_us,
+                data["request_id"],
+                max(0, data["input_tokens"]),
+                max(0, data["output_tokens"]),
+                data["status"],
+            )
+        )
+
+
+def _merge(checks: list[list[Any]], commits: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Settle this batch's checks with this batch's commits (each commit the latest check of
+    its request at or before it, else the latest; the earliest commit reaching a check
+    wins). Returns the commits that settle none of them."""
+    by_request: dict[tuple[int, str], list[list[Any]]] = {}
+    for check in checks:
+        key = (check[0], check[3])
+        found = by_request.get(key)
+        if found is None:
+            by_request[key] = [check]
+        else:
+            found.append(check)
+    unmatched = []
+    for commit in commits:
+        candidates = by_request.get((commit[0], commit[3]))
+        if candidates is None:
+            unmatched.append(commit)
+            continue
+        check = candidates[0] if len(candidates) == 1 else _latest(candidates, commit[2])
+        settled = check[9]
+        if settled is None:
+            check[9] = commit
+        elif commit[2] < settled[2]:
+            check[9] = commit
+            unmatched.append(settled)
+        else:
+            unmatched.append(commit)
+    return unmatched
+
+
+def _latest(candidates: list[list[Any]], at_us: int) -> list[Any]:
+    candidates.sort(key=lambda check: (check[2], check[1]))
+    found = None
+    for check in candidates:
+        if check[2] <= at_us:
+            found = check
+    # Clocks agree within a script call; a commit stamped before its check can only come
+    # from a moved test clock. The request id still names the check.
+    return found if found is not None else candidates[-1]
+
+
+def _check_line(check: list[Any]) -> str:
+    key = "" if check[4] is None else check[4]
+    head = (
+        f"{check[0]}\t{check[1]}\t{check[2]}\t{check[3]}\t{key}\t{check[5]}\t{check[6]}\t"
+        f"{check[7]}\t{check[8]}\t"
+    )
+    commit = check[9]
+    if commit is None:
+        return head + _UNSETTLED
+    return head + f"{commit[1]}\t{commit[2]}\t{commit[4]}\t{commit[5]}\t{commit[6]}\n"
+
+
+def _commit_line(commit: tuple[Any, ...]) -> str:
+    return "\t".join(map(str, commit)) + "\n"
+
+
+def _check_values(check: list[Any]) -> list[Any]:
+    commit = check[9]
+    settled = [None] * 5 if commit is None else [commit[1], commit[2], *commit[4:7]]
+    return [*check[:9], *settled]
+
+
+def _escaped(values: list[Any]) -> str:
+    fields = []
+    for value in values:
+        if value is None:
+            fields.append("")
+        elif isinstance(value, str):
+            fields.append(
+                value.replace("\\", "\\\\")
+                .replace("\t", "\\t")
+                .replace("\n", "\\n")
+                .replace("\r", "\\r")
+            )
+        else:
+            fields.append(str(value))
+    return "\t".join(fields) + "\n"
+
+
+# -- writing it --------------------------------------------------------------------------
+HOUR_US = 3_600_000_000
+DAY_US = 86_400_000_000
+# A microsecond count as a timestamp, and back, exactly.
+_AT = "(timestamptz 'epoch' + {0} * interval '1 microsecond')"
+_US = "(extract(epoch from {0}) * 1000000)::bigint"
+
+
+def _rollup(table: str, bucket: str, expression: str, source: str, subject: str) -> str:
+    """Add sums of ``source`` (``model_hours`` or ``user_days``) to a coarser rollup."""
+    counters = ["requests", "input_tokens", "output_tokens", "cost"]
+    sums = ["sum(requests)", "sum(input_tokens)", "sum(output_tokens)", "sum(cost)"]
+    if subject == "model_id":
+        counters.append("estimated_requests")
+        sums.append("sum(estimated)")
+    updates = ", ".join(f"{name} = rollup.{name} + excluded.{name}" for name in counters)
+    return f"""
+    INSERT INTO {table} AS rollup ({bucket}, tenant_id, {subject}, {", ".join(counters)})
+    SELECT {expression}, tenant_id, {subject}, {", ".join(sums)}
+    FROM {source} GROUP BY 1, 2, 3
+    ON CONFLICT ({bucket}, tenant_id, {subject}) DO UPDATE SET {updates}"""  # noqa: S608
+
+
+# The first day of an hour's or a day's month (the session's time zone is UTC).
+_MONTH = "date_trunc('month', {0})::date"
+
+
+WRITE = f"""
+WITH
+checks AS NOT MATERIALIZED (
+    SELECT tenant_id, event_id, coalesce(request_id, '') AS request_id, api_key_id,
+           coalesce(user_id, '') AS user_id, coalesce(model_id, '') AS model_id,
+           policy_version, at_us, estimated_tokens, commit_id, commit_at_us, input_tokens,
+           output_tokens, status
+    FROM {CHECKS}
+),
+pending AS (
+    SELECT id AS pending_id, tenant_id, event_id AS commit_id, payload,
+           {_US.format("occurred_at")} AS at_us
+    FROM billing_pendingcommit ORDER BY occurred_at, id LIMIT %(pending)s
+),
+-- Commits that settle no check of this batch, and (second run) those that waited.
+commits AS (
+    SELECT tenant_id, commit_id, coalesce(request_id, '') AS request_id, at_us,
+           input_tokens, output_tokens, status, NULL::bigint AS pending_id
+    FROM {COMMITS}
+    UNION ALL
+    SELECT tenant_id, commit_id, payload ->> 'request_id', at_us,
+           greatest(trunc((payload ->> 'input_tokens')::numeric)::bigint, 0),
+           greatest(trunc((payload ->> 'output_tokens')::numeric)::bigint, 0),
+           left(coalesce(nullif(payload ->> 'status', ''), 'ok'), 16), pending_id
+    FROM pending
+),
+prices AS (
+    SELECT id, model_id, input_price_per_1k, output_price_per_1k,
+           -- usage before a model's first price is priced at that first price
+           CASE WHEN row_number() OVER model_prices > 1
+                THEN {_US.format("valid_from")} END AS from_us,
+           {_US.format("lead(valid_from) OVER model_prices")} AS until_us
+    FROM billing_modelprice
+    WINDOW model_prices AS (PARTITION BY model_id ORDER BY valid_from)
+),
+-- The checks not stored yet, as they are stored. Every writer holds the ledger lock, so
+-- nothing can store one between this look and the insert; a plain insert costs about a
+-- third less than ON CONFLICT DO NOTHING, and the batch holds each entry once.
+new AS MATERIALIZED (
+    SELECT at_us, tenant_id, event_id, request_id, api_key_id, user_id, model_id, policy_version,
+           {_AT.format("at_us")} AS occurred_at, estimated_tokens, input_tokens, output_tokens,
+           coalesce(status, '') AS status, {_AT.format("commit_at_us")} AS committed_at,
+           coalesce(commit_id, '') AS commit_event_id, billed_input AS billed_input_tokens,
+           billed_output AS billed_output_tokens, commit_id IS NULL AS is_estimate, price_id,
+           (billed_input * input_price + billed_output * output_price) * 0.001 AS cost
+    FROM (
+        SELECT checks.*, coalesce(prices.id, 0) AS price_id,
+               coalesce(prices.input_price_per_1k, 0) AS input_price,
+               coalesce(prices.output_price_per_1k, 0) AS output_price,
+               coalesce(checks.input_tokens, checks.estimated_tokens) AS billed_input,
+               coalesce(checks.output_tokens, 0) AS billed_output
+        FROM checks
+        LEFT JOIN prices ON prices.model_id = checks.model_id
+                        AND (prices.from_us IS NULL OR prices.from_us <= checks.at_us)
+                        AND (prices.until_us IS NULL OR checks.at_us < prices.until_us)
+        OFFSET 0  -- priced as a whole (a hash of the prices), then looked up one by one
+    ) AS priced
+    -- One look into the unique index per check, whatever the planner thinks of the table's
+    -- size (an anti-join may sort or hash all of it).
+    WHERE (SELECT true FROM billing_usageevent AS stored
+           WHERE stored.tenant_id = priced.tenant_id AND stored.event_id = priced.event_id)
+          IS NULL
+),
+inserted AS (
+    INSERT INTO billing_usageevent (
+        tenant_id, event_id, request_id, api_key_id, user_id, model_id, policy_version,
+        occurred_at, estimated_tokens, input_tokens, output_tokens, status, committed_at,
+        commit_event_id, billed_input_tokens, billed_output_tokens, is_estimate, price_id, cost)
+    SELECT tenant_id, event_id, request_id, api_key_id, user_id, model_id, policy_version,
+           occurred_at, estimated_tokens, input_tokens, output_tokens, status, committed_at,
+           commit_event_id, billed_input_tokens, billed_output_tokens, is_estimate, price_id,
+           cost
+    FROM new
+),
+-- A check stored before (a batch written again): its commit amends it like any other.
+unmatched AS (
+    SELECT * FROM commits
+    UNION ALL
+    SELECT tenant_id, commit_id, request_id, commit_at_us, input_tokens, output_tokens,
+           status, NULL
+    FROM checks
+    WHERE commit_id IS NOT NULL
+      AND (SELECT count(*) FROM new) < %(checks)s
+      AND EXISTS (SELECT 1 FROM billing_usageevent AS stored
+                  WHERE stored.tenant_id = checks.tenant_id
+                    AND stored.event_id = checks.event_id)
+),
+-- The checks of their requests as stored before this statement, and this batch's new rows
+-- (row_id NULL, ranked as the newest). A commit left over by the batch only ever finds a
+-- new row settled already, by an earlier commit.
+candidates AS (
+    SELECT unmatched.tenant_id, unmatched.commit_id, unmatched.at_us AS commit_us,
+           event.id AS row_id, {_US.format("event.occurred_at")} AS event_us,
+           event.commit_event_id, event.billed_input_tokens AS old_input,
+           event.billed_output_tokens AS old_output, event.is_estimate AS old_estimate,
+           event.cost AS old_cost, event.price_id
+    FROM unmatched
+    JOIN billing_usageevent AS event ON event.tenant_id = unmatched.tenant_id
+                                    AND event.request_id = unmatched.request_id
+    UNION ALL
+    SELECT unmatched.tenant_id, unmatched.commit_id, unmatched.at_us, NULL,
+           {_US.format("new.occurred_at")}, new.commit_event_id, NULL, NULL, NULL, NULL,
+           NULL
+    FROM unmatched
+    JOIN new ON new.tenant_id = unmatched.tenant_id AND new.request_id = unmatched.request_id
+),
+target AS (
+    SELECT DISTINCT ON (tenant_id, commit_id) *
+    FROM candidates
+    ORDER BY tenant_id, commit_id, event_us <= commit_us DESC, event_us DESC, row_id DESC
+),
+winners AS (
+    SELECT DISTINCT ON (target.row_id) target.*, unmatched.input_tokens,
+           unmatched.output_tokens, unmatched.status,
+           coalesce(price.input_price_per_1k, 0) AS input_price,
+           coalesce(price.output_price_per_1k, 0) AS output_price
+    FROM target
+    JOIN unmatched USING (tenant_id, commit_id)
+    LEFT JOIN billing_modelprice AS price ON price.id = target.price_id
+    WHERE target.commit_event_id = '' AND target.row_id IS NOT NULL
+    ORDER BY target.row_id, target.commit_us, target.commit_id
+),
+amended AS (
+    UPDATE billing_usageevent AS event
+    SET input_tokens = winners.input_tokens, output_tokens = winners.output_tokens,
+        status = winners.status, committed_at = {_AT.format("winners.commit_us")},
+        commit_event_id = winners.commit_id, billed_input_tokens = winners.input_tokens,
+        billed_output_tokens = winners.output_tokens, is_estimate = false,
+        cost = (winners.input_tokens * winners.input_price
+                + winners.output_tokens * winners.output_price) * 0.001
+    FROM winners
+    WHERE event.id = winners.row_id
+    RETURNING event.tenant_id, event.event_id, event.request_id, event.user_id,
+              event.model_id, event.price_id, event.occurred_at, event.estimated_tokens,
+              event.billed_input_tokens, event.billed_output_tokens, event.cost,
+              winners.old_input, winners.old_output, winners.old_estimate, winners.old_cost,
+              winners.input_price
+),
+-- A commit reaching a check that was settled already changes nothing.
+ignored AS (
+    SELECT target.tenant_id, target.commit_id,
+           coalesce(nullif(target.commit_event_id, ''), winner.commit_id) AS settled_by
+    FROM target
+    LEFT JOIN winners AS winner ON winner.row_id = target.row_id
+    WHERE target.commit_event_id <> '' OR winner.commit_id <> target.commit_id
+),
+applied_pending AS (
+    DELETE FROM billing_pendingcommit
+    WHERE id IN (SELECT pending_id FROM commits
+                 WHERE pending_id IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM target
+                               WHERE target.tenant_id = commits.tenant_id
+                                 AND target.commit_id = commits.commit_id
+                                 AND (target.row_id IS NOT NULL
+                                      OR target.commit_event_id <> '')))
+    RETURNING 1
+),
+waiting AS (
+    INSERT INTO billing_pendingcommit (tenant_id, event_id, request_id, occurred_at, payload,
+                                       created_at)
+    SELECT tenant_id, commit_id, request_id, {_AT.format("at_us")},
+           jsonb_build_object('request_id', request_id, 'input_tokens', input_tokens,
+                              'output_tokens', output_tokens, 'status', status),
+           now()
+    FROM unmatched
+    WHERE pending_id IS NULL
+      AND NOT EXISTS (SELECT 1 FROM target
+                      WHERE target.tenant_id = unmatched.tenant_id
+                        AND target.commit_id = unmatched.commit_id
+                        -- (a new row still open would be amended by the next batch)
+                        AND (target.row_id IS NOT NULL OR target.commit_event_id <> ''))
+    ON CONFLICT (tenant_id, event_id) DO NOTHING
+    RETURNING 1
+),
+-- What the rollups gain, per row; hours and days as numbers (cheaper to group by than
+-- times) until summed.
+deltas AS MATERIALIZED (
+    SELECT at_us / {HOUR_US} AS hour, at_us / {DAY_US} AS day, tenant_id, model_id,
+           price_id, user_id, 1 AS requests, billed_input_tokens AS input_tokens,
+           billed_output_tokens AS output_tokens, is_estimate::int AS estimated, cost
+    FROM new
+    UNION ALL
+    SELECT at_us / {HOUR_US}, at_us / {DAY_US}, tenant_id, model_id, price_id, user_id, 0,
+           billed_input_tokens - old_input, billed_output_tokens - old_output,
+           -old_estimate::int, cost - old_cost
+    FROM (SELECT *, {_US.format("occurred_at")} AS at_us FROM amended) AS changed
+),
+-- Summed once per hour and model, and per day and user; the coarser rollups from those.
+model_hours AS MATERIALIZED (
+    SELECT {_AT.format(f"hour * {HOUR_US}")} AS hour, tenant_id, model_id, price_id,
+           requests, input_tokens, output_tokens, estimated, cost
+    FROM (SELECT hour, tenant_id, model_id, price_id, sum(requests) AS requests,
+                 sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                 sum(estimated) AS estimated, sum(cost) AS cost
+          FROM deltas GROUP BY 1, 2, 3, 4) AS summed
+),
+user_days AS MATERIALIZED (
+    SELECT date '1970-01-01' + day::int AS day, tenant_id, user_id, requests, input_tokens,
+           output_tokens, cost
+    FROM (SELECT day, tenant_id, user_id, sum(requests) AS requests,
+                 sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                 sum(cost) AS cost
+          FROM deltas GROUP BY 1, 2, 3) AS summed
+),
+hourly AS (
+    INSERT INTO billing_hourlyrollup AS rollup (hour, tenant_id, model_id, price_id,
+        requests, input_tokens, output_tokens, estimated_requests, cost)
+    SELECT * FROM model_hours
+    ON CONFLICT (hour, tenant_id, model_id, price_id) DO UPDATE SET
+        requests = rollup.requests + excluded.requests,
+        input_tokens = rollup.input_tokens + excluded.input_tokens,
+        output_tokens = rollup.output_tokens + excluded.output_tokens,
+        estimated_requests = rollup.estimated_requests + excluded.estimated_requests,
+        cost = rollup.cost + excluded.cost
+),
+daily AS ({_rollup("billing_dailyrollup", "day", "hour::date", "model_hours", "model_id")}),
+monthly AS (
+    {_rollup("billing_monthlyrollup", "month", _MONTH.format("hour"), "model_hours", "model_id")}
+),
+daily_users AS ({_rollup("billing_dailyuserrollup", "day", "day", "user_days", "user_id")}),
+monthly_users AS (
+    {_rollup("billing_monthlyuserrollup", "month", _MONTH.format("day"), "user_days", "user_id")}
+),
+-- Usage of a month whose statement was sent lands on the next statement still open: a late
+-- event whole, a late commit as what it changed against the estimate billed.
+touched AS MATERIALIZED (
+    SELECT 'event' AS kind, tenant_id, event_id, request_id, model_id,
+           date_trunc('month', occurred_at)::date AS month,
+           billed_input_tokens AS input_tokens, billed_output_tokens AS output_tokens, cost
+    FROM new
+    UNION ALL
+    SELECT 'commit', tenant_id, event_id, request_id, model_id,
+           date_trunc('month', occurred_at)::date,
+           billed_input_tokens - estimated_tokens, billed_output_tokens,
+           cost - estimated_tokens * input_price * 0.001
+    FROM amended
+),
+finalised AS MATERIALIZED (
+    SELECT months.tenant_id, months.month,
+           (SELECT min(later)::date
+            FROM generate_series(months.month + interval '1 month',
+                                 months.month + interval '1200 months',
+                                 interval '1 month') AS later
+            WHERE NOT EXISTS (SELECT 1 FROM billing_statement AS open
+                              WHERE open.tenant_id = months.tenant_id
+                                AND open.month = later::date)) AS landing
+    FROM (SELECT DISTINCT tenant_id, month FROM touched) AS months
+    WHERE EXISTS (SELECT 1 FROM billing_statement AS sent
+                  WHERE sent.tenant_id = months.tenant_id AND sent.month = months.month)
+),
+adjusted AS (
+    INSERT INTO billing_statementadjustment (tenant_id, event_id, kind, request_id, model_id,
+        usage_month, statement_month, input_tokens, output_tokens, cost, created_at)
+    SELECT touched.tenant_id, touched.event_id, touched.kind, touched.request_id,
+           touched.model_id, touched.month, finalised.landing, touched.input_tokens,
+           touched.output_tokens, touched.cost, now()
+    FROM finalised JOIN touched USING (tenant_id, month)
+    ON CONFLICT (tenant_id, event_id, kind) DO NOTHING
+    RETURNING 1
+),
+hours AS (SELECT DISTINCT tenant_id, hour FROM model_hours)
+SELECT
+    (SELECT count(*) FROM new),
+    (SELECT count(*) FROM amended),
+    (SELECT count(*) FROM pending),
+    (SELECT count(*) FROM applied_pending),
+    (SELECT count(*) FROM waiting),
+    (SELECT count(*) FROM adjusted),
+    (SELECT coalesce(array_agg(tenant_id), '{{}}') FROM hours),
+    (SELECT coalesce(array_agg(hour), '{{}}') FROM hours),
+    (SELECT coalesce(array_agg(ARRAY[ignored.tenant_id::text, commits.request_id,
+                                     ignored.settled_by, ignored.commit_id]), '{{}}')
+     FROM ignored JOIN unmatched AS commits USING (tenant_id, commit_id)
+     WHERE ignored.settled_by <> ignored.commit_id),
+    EXISTS (SELECT 1 FROM billing_pendingcommit)
+"""  # noqa: S608
+
+
+@dataclass
+class Written:
+    inserted: int = 0
+    amended: int = 0
+    pending_before: int = 0
+    pending_applied: int = 0
+    pending_added: int = 0
+    adjustments: int = 0
+    hours: set[tuple[int, dt.datetime]] = field(default_factory=set)
+
+
+# Connections on which this process created the staging table (it lives as long as they).
+_staged_on: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def stage(staged: Staged) -> None:
+    """COPY a laid-out batch into the staging tables, empty until now in this
+    transaction."""
+    raw = connection.connection
+    with connection.cursor() as cursor:
+        if raw not in _staged_on:
+            for table, columns in ((CHECKS, CHECK_COLUMNS), (COMMITS, COMMIT_COLUMNS)):
+                cursor.execute(
+                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {table} ({columns}) "
+                    "ON COMMIT DELETE ROWS"
+                )
+            # Remembered once it is sure to exist: a rolled-back transaction takes it along.
+            transaction.on_commit(lambda: _staged_on.add(raw))
+        # Hours, days and months are UTC's; the statement's hash tables and sorts for a batch
+        # fit in memory with room to spare. Empty at every commit, but a rolled-back
+        # savepoint may have left rows.
+        cursor.execute(
+            f"SET LOCAL timezone = 'UTC'; SET LOCAL work_mem = '64MB'; TRUNCATE {CHECKS}, {COMMITS}"
+        )
+        try:
+            for table, text in ((CHECKS, staged.checks_text), (COMMITS, staged.commits_text)):
+                if text:
+                    with cursor.cursor.copy(f"COPY {table} FROM STDIN (NULL '')") as copy:
+                        copy.write(text)
+        except psycopg.DataError as error:
+            raise NotAsWritten(str(error)) from error
+
+
+def write_staged(staged: Staged, *, pending_limit: int) -> Written:
+    """Write what ``stage`` staged; the caller holds the ledger lock in this transaction.
+    Raises ``NotAsWritten`` when the database refuses a value."""
+    from billing.services import model_price_seed
+
+    written = Written()
+    with connection.cursor() as cursor:
+        if staged.models:
+            cursor.execute(
+                "SELECT DISTINCT model_id FROM billing_modelprice WHERE model_id = ANY(%s)",
+                [list(staged.models)],
+            )
+            for model_id in staged.models - {row[0] for row in cursor.fetchall()}:
+                # A model priced before billing kept a history: its current price has
+                # applied since the beginning.
+                model_price_seed(model_id=model_id)
+        try:
+            cursor.execute(WRITE, {"pending": 0, "checks": staged.checks})
+            has_pending = _add(written, cursor.fetchone())
+            if has_pending:
+                # Commits that waited for their check, tried once this batch's checks are
+                # stored.
+                cursor.execute(f"TRUNCATE {CHECKS}, {COMMITS}")
+                cursor.execute(WRITE, {"pending": pending_limit, "checks": 0})
+                _add(written, cursor.fetchone())
+        except DataError as error:
+            raise NotAsWritten(str(error)) from error
+    return written
+
+
+def _add(written: Written, row: tuple[Any, ...]) -> bool:
+    inserted, amended, pending, applied, added, adjustments, tenants, hours, ignored, more = row
+    written.inserted += inserted
+    written.amended += amended
+    written.pending_before += pending
+    written.pending_applied += applied
+    written.pending_added += added
+    written.adjustments += adjustments
+    written.hours.update(zip(tenants, hours, strict=True))
+    for tenant_id, request_id, settled_by, commit_id in ignored:
+        logger.warning(
+            "billing: request %s of tenant %s was already settled by %s; ignoring %s",
+            request_id,
+            tenant_id,
+            settled_by,
+            commit_id,
+        )
+    return bool(more)
