@@ -22,10 +22,13 @@ from tests.factories import BudgetFactory, UserFactory
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.django_db(transaction=True),
+    # scripts/test runs scripts/setup --test first, which installs chromium wherever apt-get
+    # may be used: the test is skipped only where it could not (setup said why).
     pytest.mark.skipif(
         chromium_path() is None,
-        reason="Debian's chromium is not installed (apt-get install chromium); "
-        "the browser test needs it",
+        reason="Chromium is not installed and scripts/setup --test could not install it here "
+        "(Debian's chromium package needs apt-get as root or with password-less sudo; its "
+        "output says which was missing)",
     ),
 ]
 
