@@ -75,6 +75,9 @@ THOUSAND_TH = Decimal("0.001")
 PENDING_PER_WRITE = 5000
 # Tenant streams asked per pipeline round trip.
 STREAMS_PER_ROUND = 50
+# Batches between two folds of the user deltas into the top-user rollups (and one at the
+# end of every drain).
+FOLD_EVERY = 50
 
 
 def from_us(at_us: int) -> dt.datetime:
@@ -928,22 +931,27 @@ def ledger_lock() -> None:
 
 
 def ledger_write(
-    entries: Sequence[Entry] | StreamEntries, denied: dict[int, dict[str, int]]
+    entries: Sequence[Entry] | StreamEntries,
+    denied: dict[int, dict[str, int]],
+    *,
+    defer_user_rollups: bool = False,
 ) -> WriteReport:
     """Write one batch of stream entries and denied counts, with their rollups, in one
     transaction. Writing the same batch again changes nothing.
 
     On PostgreSQL the work is set-based SQL (``billing/ledger_postgres.py``); elsewhere (the
-    embedded SQLite) it is done here in Python, by the same rules."""
+    embedded SQLite) it is done here in Python, by the same rules. ``defer_user_rollups``
+    (PostgreSQL): leave what the batch adds to the top-user rollups in ``UserUsageDelta``
+    for ``user_rollups_fold``, as the drain does."""
     if connection.vendor == "postgresql":
-        return _ledger_write_postgres(entries, denied)
+        return _ledger_write_postgres(entries, denied, fold=not defer_user_rollups)
     if isinstance(entries, StreamEntries):
         entries = entries.parsed()
     return ledger_write_portable(entries, denied)
 
 
 def _ledger_write_postgres(
-    entries: Sequence[Entry] | StreamEntries, denied: dict[int, dict[str, int]]
+    entries: Sequence[Entry] | StreamEntries, denied: dict[int, dict[str, int]], *, fold: bool
 ) -> WriteReport:
     from billing import ledger_postgres
 
@@ -952,7 +960,7 @@ def _ledger_write_postgres(
         if staged is not None:
             try:
                 with transaction.atomic():
-                    return _write_staged(staged, denied)
+                    return _write_staged(staged, denied, fold=fold)
             except ledger_postgres.NotAsWritten as error:
                 # A value the database refused (too long, out of range, not text): lay the
                 # batch out again with every entry checked, leaving out what is malformed.
@@ -961,14 +969,13 @@ def _ledger_write_postgres(
     else:
         careful = ledger_postgres.staged_from_entries(entries)
     with transaction.atomic():
-        return _write_staged(careful, denied)
+        return _write_staged(careful, denied, fold=fold)
 
 
-def _write_staged(staged: Any, denied: dict[int, dict[str, int]]) -> WriteReport:
+def _write_staged(staged: Any, denied: dict[int, dict[str, int]], *, fold: bool) -> WriteReport:
     from billing import ledger_postgres
 
-    ledger_lock()
-    ledger_postgres.stage(staged)
+    ledger_postgres.begin(staged)
     written = ledger_postgres.write_staged(staged, pending_limit=PENDING_PER_WRITE)
     report = WriteReport(
         read=staged.entries,
@@ -982,7 +989,21 @@ def _write_staged(staged: Any, denied: dict[int, dict[str, int]]) -> WriteReport
     deltas = RollupDeltas()
     report.denied_buckets = _store_denied(denied, deltas)
     deltas.apply()
+    if fold:
+        ledger_postgres.user_rollups_fold()
     return report
+
+
+def user_rollups_fold() -> int:
+    """Bring the top-user rollups up to date with the batches the drain wrote (PostgreSQL;
+    elsewhere each batch adds to them itself). Returns how many deltas it folded."""
+    if connection.vendor != "postgresql":
+        return 0
+    from billing import ledger_postgres
+
+    with transaction.atomic():
+        ledger_lock()
+        return ledger_postgres.user_rollups_fold()
 
 
 def ledger_write_portable(
@@ -1532,7 +1553,11 @@ def drain(
                 ahead = reader.submit(read, batch.ids)
             if batch.entries or batch.denied:
                 moment = time.perf_counter()
-                report.written.add(ledger_write(batch.entries, batch.denied))
+                report.written.add(
+                    ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
+                )
+                if report.batches % FOLD_EVERY == FOLD_EVERY - 1:
+                    user_rollups_fold()
                 report.write_seconds += time.perf_counter() - moment
             if reader is None:
                 ack(batch)
@@ -1543,6 +1568,9 @@ def drain(
             report.batches += 1
         if acked is not None:
             acked.result()
+        moment = time.perf_counter()
+        user_rollups_fold()
+        report.write_seconds += time.perf_counter() - moment
     finally:
         if reader is not None:
             reader.shutdown(wait=True)

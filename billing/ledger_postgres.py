@@ -31,12 +31,14 @@ import logging
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import psycopg
 from django.db import DataError, connection, transaction
+from psycopg import sql
 
-from billing.ingest import MAX_AT_US, Entry, entry_normalised
+from billing.ingest import Entry, entry_normalised
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ COMMIT_COLUMNS = (
     "tenant_id bigint, commit_id text, at_us bigint, request_id text, input_tokens bigint, "
     "output_tokens bigint, status text"
 )
-_UNSETTLED = "\t\t\t\t\t\n"
+_UNSETTLED = "\t\t\t\t\n"  # a check without its commit: the five commit columns empty
 
 
 class NotAsWritten(Exception):  # noqa: N818 - it is a condition, not a failure
@@ -73,16 +75,181 @@ class Staged:
     models: frozenset[str]  # of the checks
 
 
+# -- laying a batch out ------------------------------------------------------------------
+class _Layout:
+    """A batch's rows for ``COPY``, made as the entries come: one line per check (its commit
+    part filled in when its commit is in the batch too) and one per commit left over.
+    Strings, not an object per entry: a batch may hold tens of thousands."""
+
+    def __init__(self, *, escaped: bool) -> None:
+        self.clean: Any = _escape if escaped else str
+        self.heads: list[str] = []
+        self.tails: list[str] = []
+        # (tenant, request id) -> the index of its check, or a list of indexes when the
+        # request id came back (reused after its first record expired)
+        self.by_request: dict[tuple[int, str], Any] = {}
+        self.commits: list[tuple[Any, ...]] = []
+        self.models: set[str] = set()
+
+    def check(
+        self,
+        tenant_id: int,
+        entry_id: str,
+        at_us: int,
+        request_id: str,
+        key: int | None,
+        user: str,
+        model: str,
+        version: int,
+        tokens: int,
+    ) -> None:
+        clean = self.clean
+        index = len(self.heads)
+        self.heads.append(
+            f"{tenant_id}\t{clean(entry_id)}\t{at_us}\t{clean(request_id)}\t"
+            f"{'' if key is None else key}\t{clean(user)}\t{clean(model)}\t{version}\t"
+            f"{tokens if tokens > 0 else 0}\t"
+        )
+        self.tails.append(_UNSETTLED)
+        self.models.add(model)
+        self.pair(tenant_id, request_id, index)
+
+    def pair(self, tenant_id: int, request_id: str, index: int) -> None:
+        found = self.by_request.setdefault((tenant_id, request_id), index)
+        if found != index:
+            if type(found) is int:
+                self.by_request[(tenant_id, request_id)] = [found, index]
+            else:
+                found.append(index)
+
+    def commit(
+        self,
+        tenant_id: int,
+        entry_id: str,
+        at_us: int,
+        request_id: str,
+        input_tokens: int,
+        output_tokens: int,
+        status: str,
+    ) -> None:
+        self.commits.append(
+            (
+                tenant_id,
+                entry_id,
+                at_us,
+                request_id,
+                input_tokens if input_tokens > 0 else 0,
+                output_tokens if output_tokens > 0 else 0,
+                status,
+            )
+        )
+
+    def entry(self, entry: Entry) -> None:
+        """A parsed, normalised entry."""
+        data = entry.data
+        if entry.kind == "check":
+            self.check(
+                entry.tenant_id,
+                entry.entry_id,
+                entry.at_us,
+                data["request_id"],
+                data["key"],
+                data["user"],
+                data["model"],
+                data["version"],
+                data["tokens"],
+            )
+        else:
+            self.commit(
+                entry.tenant_id,
+                entry.entry_id,
+                entry.at_us,
+                data["request_id"],
+                data["input_tokens"],
+                data["output_tokens"],
+                data["status"],
+            )
+
+    def staged(self, *, quick: bool) -> Staged | None:
+        """Settle the checks with the batch's commits (each commit the latest check of its
+        request at or before it, else the latest; the earliest commit reaching a check wins)
+        and lay the rows out. ``quick``: None when a value would need escaping."""
+        clean = self.clean
+        leftover: list[tuple[Any, ...]] = []
+        settled: dict[int, tuple[Any, ...]] = {}
+        for commit in self.commits:
+            found = self.by_request.get((commit[0], commit[3]))
+            if found is None:
+                leftover.append(commit)
+                continue
+            index = found if type(found) is int else self._latest(found, commit[2])
+            earlier = settled.get(index)
+            if earlier is None:
+                settled[index] = commit
+            elif commit[2] < earlier[2]:
+                settled[index] = commit
+                leftover.append(earlier)
+            else:
+                leftover.append(commit)
+        tails = self.tails
+        for index, commit in settled.items():
+            tails[index] = (
+                f"{clean(commit[1])}\t{commit[2]}\t{commit[4]}\t{commit[5]}\t{clean(commit[6])}\n"
+            )
+        checks_text = "".join(chain.from_iterable(zip(self.heads, tails, strict=True)))
+        commits_text = "".join(
+            f"{tenant_id}\t{clean(entry_id)}\t{at_us}\t{clean(request_id)}\t{used_in}\t"
+            f"{used_out}\t{clean(status)}\n"
+            for tenant_id, entry_id, at_us, request_id, used_in, used_out, status in leftover
+        )
+        if quick:
+            checks_bytes = _quick_bytes(checks_text, len(self.heads), 14)
+            commits_bytes = _quick_bytes(commits_text, len(leftover), 7)
+            if checks_bytes is None or commits_bytes is None:
+                return None
+        else:
+            checks_bytes, commits_bytes = checks_text.encode(), commits_text.encode()
+        entries = len(self.heads) + len(self.commits)
+        return Staged(checks_bytes, commits_bytes, entries, len(self.heads), frozenset(self.models))
+
+    def _latest(self, indexes: list[int], at_us: int) -> int:
+        # Rare (a request id used again): its checks' times and ids read back from their
+        # lines.
+        fields = {index: self.heads[index].split("\t", 3) for index in indexes}
+        times = {index: int(fields[index][2]) for index in indexes}
+        ordered = sorted(indexes, key=lambda index: (times[index], fields[index][1]))
+        found = None
+        for index in ordered:
+            if times[index] <= at_us:
+                found = index
+        # Clocks agree within a script call; a commit stamped before its check can only
+        # come from a moved test clock. The request id still names the check.
+        return found if found is not None else ordered[-1]
+
+
+def _escape(value: str) -> str:
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
+
+
+def _quick_bytes(text: str, lines: int, columns: int) -> bytes | None:
+    """Unescaped lines for ``COPY``; None when a value holds what would need escaping."""
+    # Names are the callers' text: a tab or line break in one would shift the columns, so
+    # such a batch is laid out again with every value escaped. A backslash only needs
+    # doubling, and nothing else in a row has one.
+    if text.count("\t") != (columns - 1) * lines or text.count("\n") != lines or "\r" in text:
+        return None
+    try:
+        return text.replace("\\", "\\\\").encode()
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape
+        return None
+
+
 # json.loads without its wrapping (finding the encoding, skipping white space, checking for
 # more after the document), which costs more than the parse of an entry's small document:
 # the C scanner on text, the end checked here. Anything unusual goes to json.loads.
 _scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-
-# -- laying a batch out ------------------------------------------------------------------
-# A check is a list [tenant, entry id, time, request id, key, user, model, version, tokens,
-# commit], a commit a tuple (tenant, entry id, time, request id, input, output, status): no
-# object per entry, the batch may hold tens of thousands.
 
 
 def staged_from_stream(streams: Iterable[tuple[int, list[Any]]]) -> Staged | None:
@@ -94,28 +261,27 @@ def staged_from_stream(streams: Iterable[tuple[int, list[Any]]]) -> Staged | Non
     from billing.ingest import StreamEntries
 
     scan = _scan_json
-    checks: list[list[Any]] = []
-    commits: list[tuple[Any, ...]] = []
+    layout = _Layout(escaped=False)
+    # Bound once: the loop below runs per entry (it is layout.check, inlined).
+    add_head, add_tail, add_model = layout.heads.append, layout.tails.append, layout.models.add
+    pair, commit = layout.pair, layout.commit
     odd = StreamEntries()
-    count = 0
     for tenant_id, items in streams:
         odd_items = []
         for raw_id, flat in items:
             if len(flat) == 6 and flat[0] == b"k" and flat[2] == b"e" and flat[4] == b"t":
-                kind = flat[1]
+                at = flat[5]
                 try:
                     text = flat[3].decode()
                     data, end = scan(text, 0)
-                    at_us = int(flat[5])
                 except (ValueError, StopIteration):
                     odd_items.append((raw_id, flat))
                     continue
-                if end != len(text):
-                    odd_items.append((raw_id, flat))
-                    continue
-                if type(data) is dict and 0 <= at_us < MAX_AT_US:
+                # Digits only: a time the engine can have written, and the text COPY reads.
+                if end == len(text) and type(data) is dict and at.isdigit() and len(at) < 18:
                     get = data.get
                     request_id = get("request_id")
+                    kind = flat[1]
                     if kind == b"check":
                         key, user, model = get("key"), get("user"), get("model")
                         version, tokens = get("version"), get("tokens")
@@ -127,21 +293,14 @@ def staged_from_stream(streams: Iterable[tuple[int, list[Any]]]) -> Staged | Non
                             and type(version) is int
                             and (key is None or type(key) is int)
                         ):
-                            checks.append(
-                                [
-                                    tenant_id,
-                                    raw_id.decode(),
-                                    at_us,
-                                    request_id,
-                                    key,
-                                    user,
-                                    model,
-                                    version,
-                                    tokens if tokens > 0 else 0,
-                                    None,
-                                ]
+                            pair(tenant_id, request_id, len(layout.heads))
+                            add_head(
+                                f"{tenant_id}\t{raw_id.decode()}\t{int(at)}\t{request_id}\t"
+                                f"{'' if key is None else key}\t{user}\t{model}\t{version}\t"
+                                f"{tokens if tokens > 0 else 0}\t"
                             )
-                            count += 1
+                            add_tail(_UNSETTLED)
+                            add_model(model)
                             continue
                     elif kind == b"commit":
                         used_in, used_out = get("input_tokens"), get("output_tokens")
@@ -153,56 +312,28 @@ def staged_from_stream(streams: Iterable[tuple[int, list[Any]]]) -> Staged | Non
                             and type(status) is str
                             and 0 < len(status) <= 16
                         ):
-                            commits.append(
-                                (
-                                    tenant_id,
-                                    raw_id.decode(),
-                                    at_us,
-                                    request_id,
-                                    used_in if used_in > 0 else 0,
-                                    used_out if used_out > 0 else 0,
-                                    status,
-                                )
+                            commit(
+                                tenant_id,
+                                raw_id.decode(),
+                                int(at),
+                                request_id,
+                                used_in,
+                                used_out,
+                                status,
                             )
-                            count += 1
                             continue
             odd_items.append((raw_id, flat))
         if odd_items:
             odd.add(tenant_id, odd_items)
     if odd.count:
         for entry in odd.parsed():
-            _add_entry(entry, checks, commits)
-            count += 1
-    unmatched = _merge(checks, commits)
-    checks_text = _quick_text([_check_line(check) for check in checks], 14)
-    commits_text = _quick_text([_commit_line(commit) for commit in unmatched], 7)
-    if checks_text is None or commits_text is None:
-        return None
-    models = frozenset(check[6] for check in checks)
-    return Staged(checks_text, commits_text, count, len(checks), models)
-
-
-def _quick_text(lines: list[str], columns: int) -> bytes | None:
-    """Lines joined for ``COPY``; None when a value holds what would need escaping."""
-    text = "".join(lines)
-    # Names are the callers' text: a tab or line break in one would shift the columns, so
-    # such a batch is laid out again with every value escaped. A backslash only needs
-    # doubling, and nothing else in a row has one.
-    if text.count("\t") != (columns - 1) * len(lines) or text.count("\n") != len(lines):
-        return None
-    if "\r" in text:
-        return None
-    try:
-        return text.replace("\\", "\\\\").encode()
-    except UnicodeEncodeError:
-        return None
+            layout.entry(entry)
+    return layout.staged(quick=True)
 
 
 def staged_from_entries(entries: Iterable[Entry]) -> Staged:
     """Parsed entries laid out for ``COPY``, every value checked and escaped; malformed ones
     are logged and left out."""
-    checks: list[list[Any]] = []
-    commits: list[tuple[Any, ...]] = []
     unique: dict[tuple[int, str], Entry] = {}
     for entry in entries:
         try:
@@ -214,124 +345,12 @@ def staged_from_entries(entries: Iterable[Entry]) -> Staged:
                 entry.tenant_id,
                 error,
             )
+    layout = _Layout(escaped=True)
     for entry in unique.values():
-        _add_entry(entry, checks, commits)
-    unmatched = _merge(checks, commits)
-    checks_text = "".join(_escaped(_check_values(check)) for check in checks).encode()
-    commits_text = "".join(_escaped(list(commit)) for commit in unmatched).encode()
-    models = frozenset(check[6] for check in checks)
-    return Staged(checks_text, commits_text, len(unique), len(checks), models)
-
-
-def _add_entry(entry: Entry, checks: list[list[Any]], commits: list[tuple[Any, ...]]) -> None:
-    data = entry.data
-    if entry.kind == "check":
-        checks.append(
-            [
-                entry.tenant_id,
-                entry.entry_id,
-                entry.at_us,
-                data["request_id"],
-                data["key"],
-                data["user"],
-                data["model"],
-                data["version"],
-                max(0, data["tokens"]),
-                None,
-            ]
-        )
-    else:
-        commits.append(
-            (
-                entry.tenant_id,
-                entry.entry_id,
-                entry.at_us,
-                data["request_id"],
-                max(0, data["input_tokens"]),
-                max(0, data["output_tokens"]),
-                data["status"],
-            )
-        )
-
-
-def _merge(checks: list[list[Any]], commits: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Settle this batch's checks with this batch's commits (each commit the latest check of
-    its request at or before it, else the latest; the earliest commit reaching a check
-    wins). Returns the commits that settle none of them."""
-    by_request: dict[tuple[int, str], list[list[Any]]] = {}
-    for check in checks:
-        key = (check[0], check[3])
-        found = by_request.get(key)
-        if found is None:
-            by_request[key] = [check]
-        else:
-            found.append(check)
-    unmatched = []
-    for commit in commits:
-        candidates = by_request.get((commit[0], commit[3]))
-        if candidates is None:
-            unmatched.append(commit)
-            continue
-        check = candidates[0] if len(candidates) == 1 else _latest(candidates, commit[2])
-        settled = check[9]
-        if settled is None:
-            check[9] = commit
-        elif commit[2] < settled[2]:
-            check[9] = commit
-            unmatched.append(settled)
-        else:
-            unmatched.append(commit)
-    return unmatched
-
-
-def _latest(candidates: list[list[Any]], at_us: int) -> list[Any]:
-    candidates.sort(key=lambda check: (check[2], check[1]))
-    found = None
-    for check in candidates:
-        if check[2] <= at_us:
-            found = check
-    # Clocks agree within a script call; a commit stamped before its check can only come
-    # from a moved test clock. The request id still names the check.
-    return found if found is not None else candidates[-1]
-
-
-def _check_line(check: list[Any]) -> str:
-    key = "" if check[4] is None else check[4]
-    head = (
-        f"{check[0]}\t{check[1]}\t{check[2]}\t{check[3]}\t{key}\t{check[5]}\t{check[6]}\t"
-        f"{check[7]}\t{check[8]}\t"
-    )
-    commit = check[9]
-    if commit is None:
-        return head + _UNSETTLED
-    return head + f"{commit[1]}\t{commit[2]}\t{commit[4]}\t{commit[5]}\t{commit[6]}\n"
-
-
-def _commit_line(commit: tuple[Any, ...]) -> str:
-    return "\t".join(map(str, commit)) + "\n"
-
-
-def _check_values(check: list[Any]) -> list[Any]:
-    commit = check[9]
-    settled = [None] * 5 if commit is None else [commit[1], commit[2], *commit[4:7]]
-    return [*check[:9], *settled]
-
-
-def _escaped(values: list[Any]) -> str:
-    fields = []
-    for value in values:
-        if value is None:
-            fields.append("")
-        elif isinstance(value, str):
-            fields.append(
-                value.replace("\\", "\\\\")
-                .replace("\t", "\\t")
-                .replace("\n", "\\n")
-                .replace("\r", "\\r")
-            )
-        else:
-            fields.append(str(value))
-    return "\t".join(fields) + "\n"
+        layout.entry(entry)
+    staged = layout.staged(quick=False)
+    assert staged is not None  # noqa: S101 - only the quick layout gives up
+    return staged
 
 
 # -- writing it --------------------------------------------------------------------------
@@ -396,6 +415,15 @@ prices AS (
     FROM billing_modelprice
     WINDOW model_prices AS (PARTITION BY model_id ORDER BY valid_from)
 ),
+-- Each tenant's greatest stored entry id (in the column's own order): a check whose id
+-- sorts after it cannot be stored, and a stream's new entries do. One look into the unique
+-- index per tenant instead of one per check.
+tops AS MATERIALIZED (
+    SELECT tenants.tenant_id,
+           coalesce((SELECT max(stored.event_id) FROM billing_usageevent AS stored
+                     WHERE stored.tenant_id = tenants.tenant_id), '') AS top
+    FROM (SELECT DISTINCT tenant_id FROM {CHECKS}) AS tenants
+),
 -- The checks not stored yet, as they are stored. Every writer holds the ledger lock, so
 -- nothing can store one between this look and the insert; a plain insert costs about a
 -- third less than ON CONFLICT DO NOTHING, and the batch holds each entry once.
@@ -407,22 +435,25 @@ new AS MATERIALIZED (
            billed_output AS billed_output_tokens, commit_id IS NULL AS is_estimate, price_id,
            (billed_input * input_price + billed_output * output_price) * 0.001 AS cost
     FROM (
-        SELECT checks.*, coalesce(prices.id, 0) AS price_id,
+        SELECT checks.*, tops.top, coalesce(prices.id, 0) AS price_id,
                coalesce(prices.input_price_per_1k, 0) AS input_price,
                coalesce(prices.output_price_per_1k, 0) AS output_price,
                coalesce(checks.input_tokens, checks.estimated_tokens) AS billed_input,
                coalesce(checks.output_tokens, 0) AS billed_output
         FROM checks
+        JOIN tops USING (tenant_id)
         LEFT JOIN prices ON prices.model_id = checks.model_id
                         AND (prices.from_us IS NULL OR prices.from_us <= checks.at_us)
                         AND (prices.until_us IS NULL OR checks.at_us < prices.until_us)
         OFFSET 0  -- priced as a whole (a hash of the prices), then looked up one by one
     ) AS priced
-    -- One look into the unique index per check, whatever the planner thinks of the table's
-    -- size (an anti-join may sort or hash all of it).
-    WHERE (SELECT true FROM billing_usageevent AS stored
-           WHERE stored.tenant_id = priced.tenant_id AND stored.event_id = priced.event_id)
-          IS NULL
+    -- Any other check is looked up in the unique index, one by one whatever the planner
+    -- thinks of the table's size (an anti-join may sort or hash all of it).
+    WHERE CASE WHEN priced.event_id > priced.top THEN true
+               ELSE (SELECT true FROM billing_usageevent AS stored
+                     WHERE stored.tenant_id = priced.tenant_id
+                       AND stored.event_id = priced.event_id) IS NULL
+          END
 ),
 inserted AS (
     INSERT INTO billing_usageevent (
@@ -537,7 +568,7 @@ waiting AS (
 ),
 -- What the rollups gain, per row; hours and days as numbers (cheaper to group by than
 -- times) until summed.
-deltas AS MATERIALIZED (
+deltas AS NOT MATERIALIZED (
     SELECT at_us / {HOUR_US} AS hour, at_us / {DAY_US} AS day, tenant_id, model_id,
            price_id, user_id, 1 AS requests, billed_input_tokens AS input_tokens,
            billed_output_tokens AS output_tokens, is_estimate::int AS estimated, cost
@@ -580,9 +611,12 @@ daily AS ({_rollup("billing_dailyrollup", "day", "hour::date", "model_hours", "m
 monthly AS (
     {_rollup("billing_monthlyrollup", "month", _MONTH.format("hour"), "model_hours", "model_id")}
 ),
-daily_users AS ({_rollup("billing_dailyuserrollup", "day", "day", "user_days", "user_id")}),
-monthly_users AS (
-    {_rollup("billing_monthlyuserrollup", "month", _MONTH.format("day"), "user_days", "user_id")}
+-- The top-user rollups are folded in later (``FOLD_USERS``): one row per user and day.
+user_deltas AS (
+    INSERT INTO billing_userusagedelta (day, tenant_id, user_id, requests, input_tokens,
+                                        output_tokens, cost)
+    SELECT day, tenant_id, user_id, requests, input_tokens, output_tokens, cost
+    FROM user_days
 ),
 -- Usage of a month whose statement was sent lands on the next statement still open: a late
 -- event whole, a late commit as what it changed against the estimate billed.
@@ -639,6 +673,28 @@ SELECT
 """  # noqa: S608
 
 
+# Every user delta written so far, summed per bucket, added to the top-user rollups and
+# deleted, in one statement.
+FOLD_USERS = f"""
+WITH
+moved AS (
+    DELETE FROM billing_userusagedelta
+    RETURNING day, tenant_id, user_id, requests, input_tokens, output_tokens, cost
+),
+user_days AS MATERIALIZED (
+    SELECT day, tenant_id, user_id, sum(requests) AS requests,
+           sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+           sum(cost) AS cost
+    FROM moved GROUP BY 1, 2, 3
+),
+daily_users AS ({_rollup("billing_dailyuserrollup", "day", "day", "user_days", "user_id")}),
+monthly_users AS (
+    {_rollup("billing_monthlyuserrollup", "month", _MONTH.format("day"), "user_days", "user_id")}
+)
+SELECT count(*) FROM moved
+"""  # noqa: S608
+
+
 @dataclass
 class Written:
     inserted: int = 0
@@ -654,9 +710,12 @@ class Written:
 _staged_on: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def stage(staged: Staged) -> None:
-    """COPY a laid-out batch into the staging tables, empty until now in this
-    transaction."""
+def begin(staged: Staged) -> None:
+    """Start writing a batch in this transaction, in one round trip: take the ledger lock,
+    set the session up, empty the staging tables, and give models that were never priced
+    their current price (as the portable write does); then COPY the batch in."""
+    from billing.services import model_price_seed
+
     raw = connection.connection
     with connection.cursor() as cursor:
         if raw not in _staged_on:
@@ -667,12 +726,25 @@ def stage(staged: Staged) -> None:
                 )
             # Remembered once it is sure to exist: a rolled-back transaction takes it along.
             transaction.on_commit(lambda: _staged_on.add(raw))
-        # Hours, days and months are UTC's; the statement's hash tables and sorts for a batch
-        # fit in memory with room to spare. Empty at every commit, but a rolled-back
-        # savepoint may have left rows.
         cursor.execute(
-            f"SET LOCAL timezone = 'UTC'; SET LOCAL work_mem = '64MB'; TRUNCATE {CHECKS}, {COMMITS}"
+            sql.SQL(
+                "SELECT DISTINCT model_id FROM billing_modelprice WHERE model_id = ANY({});"
+                # The ledger lock, as ledger_lock() takes it.
+                "INSERT INTO billing_ledgerstate (name) VALUES ('drain') "
+                "ON CONFLICT (name) DO NOTHING;"
+                "SELECT name FROM billing_ledgerstate WHERE name = 'drain' FOR UPDATE;"
+                # Hours, days and months are UTC's; the statement's hash tables and sorts
+                # for a batch fit in memory with room to spare.
+                "SET LOCAL timezone = 'UTC'; SET LOCAL work_mem = '64MB';"
+                # Empty at every commit, but a rolled-back savepoint may have left rows.
+                "TRUNCATE {}, {}"
+            )
+            .format(
+                sql.Literal(sorted(staged.models)), sql.Identifier(CHECKS), sql.Identifier(COMMITS)
+            )
+            .as_string(raw)
         )
+        priced = {row[0] for row in cursor.fetchall()}
         try:
             for table, text in ((CHECKS, staged.checks_text), (COMMITS, staged.commits_text)):
                 if text:
@@ -680,24 +752,17 @@ def stage(staged: Staged) -> None:
                         copy.write(text)
         except psycopg.DataError as error:
             raise NotAsWritten(str(error)) from error
+    for model_id in staged.models - priced:
+        # A model priced before billing kept a history: its current price has applied
+        # since the beginning.
+        model_price_seed(model_id=model_id)
 
 
 def write_staged(staged: Staged, *, pending_limit: int) -> Written:
-    """Write what ``stage`` staged; the caller holds the ledger lock in this transaction.
-    Raises ``NotAsWritten`` when the database refuses a value."""
-    from billing.services import model_price_seed
-
+    """Write what ``begin`` staged. Raises ``NotAsWritten`` when the database refuses a
+    value."""
     written = Written()
     with connection.cursor() as cursor:
-        if staged.models:
-            cursor.execute(
-                "SELECT DISTINCT model_id FROM billing_modelprice WHERE model_id = ANY(%s)",
-                [list(staged.models)],
-            )
-            for model_id in staged.models - {row[0] for row in cursor.fetchall()}:
-                # A model priced before billing kept a history: its current price has
-                # applied since the beginning.
-                model_price_seed(model_id=model_id)
         try:
             cursor.execute(WRITE, {"pending": 0, "checks": staged.checks})
             has_pending = _add(written, cursor.fetchone())
@@ -710,6 +775,14 @@ def write_staged(staged: Staged, *, pending_limit: int) -> Written:
         except DataError as error:
             raise NotAsWritten(str(error)) from error
     return written
+
+
+def user_rollups_fold() -> int:
+    """Fold the user deltas written so far into the top-user rollups; the caller holds the
+    ledger lock in this transaction. Returns how many deltas it folded."""
+    with connection.cursor() as cursor:
+        cursor.execute(FOLD_USERS)
+        return int(cursor.fetchone()[0])
 
 
 def _add(written: Written, row: tuple[Any, ...]) -> bool:

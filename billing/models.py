@@ -276,6 +276,31 @@ class MonthlyUserRollup(models.Model):
         return f"{self.month:%Y-%m} {self.tenant_id} {self.user_id}"
 
 
+class UserUsageDelta(models.Model):
+    """What a drained batch adds to the top-user rollups, until the drain folds it in.
+
+    A batch touches thousands of (day, tenant, user) buckets; adding to them for every
+    batch cost the drain more than writing its events. The drain writes these rows in the
+    batch's transaction instead (an append, no index but the key) and folds them into
+    ``DailyUserRollup`` and ``MonthlyUserRollup`` once per drain, deleting them in the same
+    transaction: each counts once, and the top users lag by at most one drain.
+    """
+
+    day = models.DateField()
+    tenant_id = models.BigIntegerField()
+    user_id = models.CharField("user id", max_length=200)
+    requests = models.BigIntegerField()
+    input_tokens = models.BigIntegerField()
+    output_tokens = models.BigIntegerField()
+    cost = models.DecimalField(**COST_DIGITS)
+
+    class Meta:
+        verbose_name = "user usage delta"
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.tenant_id} {self.user_id}"
+
+
 class LedgerState(models.Model):
     """Named markers of the ledger. The row ``drain`` is locked by every transaction that
     writes usage or rollups, so they never interleave; ``reconciled`` holds the hour up to
