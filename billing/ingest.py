@@ -982,7 +982,7 @@ def _write_staged(staged: Any, denied: dict[int, dict[str, int]], *, fold: bool)
         inserted=written.inserted,
         amended=written.amended,
         duplicates=staged.checks - written.inserted,
-        pending_commits=written.pending_before - written.pending_applied + written.pending_added,
+        pending_commits=written.pending,
         adjustments=written.adjustments,
         hours=written.hours,
     )

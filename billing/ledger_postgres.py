@@ -698,10 +698,8 @@ SELECT count(*) FROM moved
 @dataclass
 class Written:
     inserted: int = 0
-    amended: int = 0
-    pending_before: int = 0
-    pending_applied: int = 0
-    pending_added: int = 0
+    amended: int = 0  # checks stored before settled by a commit (or by one that waited)
+    pending: int = 0  # commits waiting for their check after the write
     adjustments: int = 0
     hours: set[tuple[int, dt.datetime]] = field(default_factory=set)
 
@@ -765,10 +763,10 @@ def write_staged(staged: Staged, *, pending_limit: int) -> Written:
     with connection.cursor() as cursor:
         try:
             cursor.execute(WRITE, {"pending": 0, "checks": staged.checks})
-            has_pending = _add(written, cursor.fetchone())
-            if has_pending:
+            had_pending = _add(written, cursor.fetchone())
+            if had_pending:
                 # Commits that waited for their check, tried once this batch's checks are
-                # stored.
+                # stored (with this batch's own, which find nothing more).
                 cursor.execute(f"TRUNCATE {CHECKS}, {COMMITS}")
                 cursor.execute(WRITE, {"pending": pending_limit, "checks": 0})
                 _add(written, cursor.fetchone())
@@ -789,9 +787,8 @@ def _add(written: Written, row: tuple[Any, ...]) -> bool:
     inserted, amended, pending, applied, added, adjustments, tenants, hours, ignored, more = row
     written.inserted += inserted
     written.amended += amended
-    written.pending_before += pending
-    written.pending_applied += applied
-    written.pending_added += added
+    # The second run sees every commit waiting, the first one's new ones too.
+    written.pending = pending - applied + added
     written.adjustments += adjustments
     written.hours.update(zip(tenants, hours, strict=True))
     for tenant_id, request_id, settled_by, commit_id in ignored:

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 from decimal import Decimal
 
 import pytest
 import redis
 from django.conf import settings as django_settings
+from django.db import transaction
 from django.db.models import Sum
 
-from billing import ingest
-from billing.ingest import Entry, RedisSource, drain, ledger_write, stream_key
+from billing import ingest, ledger_postgres
+from billing.ingest import (
+    Entry,
+    RedisSource,
+    drain,
+    ledger_write,
+    ledger_write_portable,
+    stream_key,
+    user_rollups_fold,
+)
 from billing.models import (
     DailyRollup,
     DailyUserRollup,
@@ -22,9 +32,13 @@ from billing.models import (
     MonthlyRollup,
     MonthlyUserRollup,
     PendingCommit,
+    Statement,
+    StatementAdjustment,
     UsageEvent,
+    UserUsageDelta,
 )
 from billing.rollups import rollups_reconcile
+from billing.services import model_price_seed
 from limits import engine, services
 from tests.billing.conftest import publish
 
@@ -471,3 +485,295 @@ def test_a_malformed_entry_is_skipped_and_acknowledged(published, clock, caplog)
     assert "malformed usage entry" in caplog.text
     assert client.xlen(key) == 0
     assert json.loads(json.dumps(report.as_dict()))["inserted"] == 1
+
+
+# -- the PostgreSQL write next to the portable one ---------------------------------------
+def ledger_contents():
+    """snapshot() and what else a write leaves: commits waiting, statement adjustments."""
+    return (
+        snapshot(),
+        sorted(
+            UsageEvent.objects.values_list(
+                "tenant_id",
+                "event_id",
+                "request_id",
+                "api_key_id",
+                "user_id",
+                "model_id",
+                "policy_version",
+                "occurred_at",
+                "estimated_tokens",
+                "input_tokens",
+                "output_tokens",
+                "status",
+                "committed_at",
+                "price_id",
+            )
+        ),
+        sorted(
+            PendingCommit.objects.values_list("tenant_id", "event_id", "request_id", "occurred_at")
+        ),
+        # What each event adds to which statement. (A commit that waited for its check is
+        # applied once the check is stored on PostgreSQL: the adjustment of a sent month is
+        # the event at its estimate plus the commit's difference, where the portable write
+        # records the settled event. The amounts are the same.)
+        sorted(
+            StatementAdjustment.objects.values(
+                "tenant_id", "event_id", "request_id", "usage_month", "statement_month"
+            )
+            .annotate(
+                input_tokens=Sum("input_tokens"),
+                output_tokens=Sum("output_tokens"),
+                cost=Sum("cost"),
+            )
+            .values_list(
+                "tenant_id",
+                "event_id",
+                "request_id",
+                "usage_month",
+                "statement_month",
+                "input_tokens",
+                "output_tokens",
+                "cost",
+            )
+        ),
+    )
+
+
+def mixed_batches(world, seed):
+    """Checks and commits of two tenants as drains could meet them: commits in the batch of
+    their check, before it, batches later or never; request ids used twice; a batch written
+    twice; an unknown model; usage either side of a price change and in a month whose
+    statement was sent."""
+    rng = random.Random(seed)
+    start = dt.datetime(2030, 2, 28, 20, tzinfo=dt.UTC)  # the month's last hours, and the next
+    entries = []
+    sequence = {world.alice.pk: 0, world.bob.pk: 0}
+
+    def entry(tenant, kind, data, at):
+        at_us = int(at.timestamp() * 1_000_000)
+        sequence[tenant] += 1
+        entry_id = f"{at_us // 1000}-{sequence[tenant]}"
+        return Entry(tenant, entry_id, kind, {"tenant": tenant, **data}, at_us)
+
+    for number in range(60):
+        tenant = rng.choice([world.alice.pk, world.bob.pk])
+        request_id = f"r{number % 50}"  # ten ids come back, hours later
+        at = start + dt.timedelta(minutes=number * 7 + rng.randrange(5))
+        model = rng.choice(["gpt-4o", "gpt-4o", "llama-3-8b", "mystery-model"])
+        check = {
+            "request_id": request_id,
+            "key": rng.choice([None, 7]),
+            "user": f"u{rng.randrange(4)}",
+            "model": model,
+            "tokens": rng.randrange(0, 3000),
+            "version": 3,
+        }
+        entries.append(entry(tenant, "check", check, at))
+        if rng.random() < 0.85:
+            used = {
+                "request_id": request_id,
+                "input_tokens": rng.randrange(0, 4000),
+                "output_tokens": rng.randrange(0, 2000),
+                "status": rng.choice(["ok", "error"]),
+            }
+            later = at + dt.timedelta(seconds=rng.choice([-1, 2, 30, 600]))
+            entries.append(entry(tenant, "commit", used, later))
+        if rng.random() < 0.05:  # a second commit for the same request: changes nothing
+            entries.append(
+                entry(
+                    tenant,
+                    "commit",
+                    {"request_id": request_id, "input_tokens": 1, "output_tokens": 1},
+                    at + dt.timedelta(seconds=5),
+                )
+            )
+    rng.shuffle(entries)
+    cuts = sorted(rng.sample(range(1, len(entries)), 4))
+    batches = [entries[a:b] for a, b in zip([0, *cuts], [*cuts, len(entries)], strict=True)]
+    batches.append(batches[1])  # a batch written again, as after a drain died before XACK
+    return batches
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_postgres_write_leaves_what_the_portable_write_leaves(published, seed):
+    world = published
+    # Prices in place before either write: a price one of them made would get another id.
+    model_price_seed(model_id="llama-3-8b")
+    change = dt.datetime(2030, 3, 1, 0, 30, tzinfo=dt.UTC)
+    ModelPrice.objects.filter(model_id="gpt-4o", valid_until__isnull=True).update(
+        valid_until=change
+    )
+    ModelPrice.objects.create(
+        model_id="gpt-4o",
+        input_price_per_1k=Decimal("0.004"),
+        output_price_per_1k=Decimal("0.011"),
+        valid_from=change,
+    )
+    Statement.objects.create(
+        tenant=world.alice,
+        month=dt.date(2030, 2, 1),
+        currency="USD",
+        subtotal=Decimal(0),
+        adjustments_total=Decimal(0),
+        total=Decimal(0),
+        finalised_at=change,
+    )
+    batches = mixed_batches(world, seed)
+    denied = {world.bob.pk: {f"{to_hour(dt.datetime(2030, 3, 1, 2, tzinfo=dt.UTC))}|gpt-4o": 3}}
+
+    def write_all(write):
+        reports = []
+        for number, batch in enumerate(batches):
+            report = write(batch, denied if number == 2 else {})
+            # (A commit that waited counts as amending its check on PostgreSQL, where it is
+            # tried once the batch's checks are stored; as settling it in the portable
+            # write. The rows are the same.)
+            reports.append(
+                (
+                    report.read,
+                    report.inserted,
+                    report.duplicates,
+                    report.pending_commits,
+                    sorted(report.hours),
+                )
+            )
+        return reports, ledger_contents()
+
+    class Portable(Exception):
+        pass
+
+    try:
+        with transaction.atomic():
+            portable = write_all(ledger_write_portable)
+            raise Portable
+    except Portable:
+        pass
+    assert UsageEvent.objects.count() == 0
+    written = write_all(ledger_write)
+
+    reports, contents = written
+    assert reports == portable[0]
+    for got, want in zip(contents, portable[1], strict=True):
+        assert got == want
+    _, events, waiting, adjustments = contents
+    assert sum(report[2] for report in reports) > 0  # the batch written again
+    assert any(event[5] == "mystery-model" for event in events)
+    assert adjustments  # usage of February, whose statement was sent
+    assert any(report[3] for report in reports)  # commits that waited for their check
+
+
+def to_hour(moment):
+    return int(moment.timestamp()) // 3600
+
+
+def raw_stream(entries):
+    """Entries as XREADGROUP returns them, per tenant."""
+    streams: dict[int, list] = {}
+    for entry in entries:
+        fields = [
+            b"k",
+            entry.kind.encode(),
+            b"e",
+            json.dumps(entry.data, separators=(",", ":")).encode(),
+            b"t",
+            str(entry.at_us).encode(),
+        ]
+        streams.setdefault(entry.tenant_id, []).append([entry.entry_id.encode(), fields])
+    return list(streams.items())
+
+
+def test_entries_laid_out_quickly_are_those_laid_out_carefully(published):
+    batch = [entry for batch in mixed_batches(published, 4)[:4] for entry in batch]
+    by_stream = sorted(batch, key=lambda entry: (entry.tenant_id, entry.entry_id))
+
+    quick = ledger_postgres.staged_from_stream(raw_stream(by_stream))
+    careful = ledger_postgres.staged_from_entries(by_stream)
+
+    assert quick is not None
+    assert (quick.entries, quick.checks, quick.models) == (
+        careful.entries,
+        careful.checks,
+        careful.models,
+    )
+    # The same rows (entries not written as the engine writes them are laid out last).
+    assert quick.checks_text == careful.checks_text
+    assert sorted(quick.commits_text.splitlines()) == sorted(careful.commits_text.splitlines())
+    assert quick.entries == len(batch)
+
+
+def test_names_with_tabs_line_breaks_and_backslashes_are_stored_as_they_are(published, clock):
+    world = published
+    user = 'tab\there, line\nbreak, back\\slash, quote"'
+    engine.check(world.alice.pk, user, "gpt-4o", tokens=5, request_id="r\\1\t")
+    engine.commit(world.alice.pk, "r\\1\t", input_tokens=3, output_tokens=4)
+
+    assert drain().written.inserted == 1
+
+    event = UsageEvent.objects.get()
+    assert (event.user_id, event.request_id, event.input_tokens) == (user, "r\\1\t", 3)
+    assert DailyUserRollup.objects.get().user_id == user
+
+
+def test_entries_written_differently_are_read_as_the_portable_write_reads_them(
+    published, clock, caplog
+):
+    world = published
+    client = redis_client()
+    key = stream_key(world.alice.pk)
+    at = str(NOON_US)
+    odd = {"request_id": "odd", "user": None, "model": "gpt-4o", "tokens": "12", "version": 2.0}
+    client.xadd(key, {"k": "check", "e": json.dumps(odd), "t": at})
+    client.xadd(key, {"e": json.dumps({**odd, "request_id": "reordered"}), "t": at, "k": "check"})
+    long_id = {"request_id": "x" * 201, "model": "gpt-4o", "tokens": 1}
+    client.xadd(key, {"k": "check", "e": json.dumps(long_id), "t": at})
+    engine.check(world.alice.pk, "u", "gpt-4o", tokens=1, request_id="plain")
+
+    report = drain()
+
+    assert report.written.inserted == 3
+    events = {
+        event.request_id: (event.user_id, event.estimated_tokens, event.policy_version)
+        for event in UsageEvent.objects.all()
+    }
+    assert events == {"odd": ("", 12, 2), "reordered": ("", 12, 2), "plain": ("u", 1, 1)}
+    assert "malformed usage entry" in caplog.text  # the request id too long to store
+    assert client.xlen(key) == 0
+
+
+def test_the_top_user_rollups_are_folded_once_from_the_deltas_a_drain_writes(published, clock):
+    world = published
+    for index in range(6):
+        engine.check(world.alice.pk, f"u{index % 2}", "gpt-4o", tokens=10, request_id=f"r{index}")
+    batch = RedisSource(consumer="first").read(1000)
+
+    ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
+
+    assert DailyUserRollup.objects.count() == 0
+    assert UserUsageDelta.objects.count() == 2
+    assert user_rollups_fold() == 2
+    assert user_rollups_fold() == 0
+    assert dict(DailyUserRollup.objects.values_list("user_id", "requests")) == {"u0": 3, "u1": 3}
+    assert dict(MonthlyUserRollup.objects.values_list("user_id", "input_tokens")) == {
+        "u0": 30,
+        "u1": 30,
+    }
+
+
+def test_reading_ahead_never_hands_the_batch_being_written_back_to_its_drain(
+    published, clock, settings
+):
+    world = published
+    settings.BILLING_CLAIM_IDLE_SECONDS = 0  # anything pending may be claimed at once
+    for index in range(30):
+        engine.check(world.bob.pk, "u", "gpt-4o", tokens=1, request_id=f"r{index}")
+        engine.commit(world.bob.pk, f"r{index}", input_tokens=2, output_tokens=3)
+
+    report = drain(batch_size=4)
+
+    assert (report.written.read, report.written.inserted) == (60, 30)
+    assert report.written.duplicates == 0
+    assert report.batches == 15
+    assert UsageEvent.objects.filter(is_estimate=False).count() == 30
+    assert UserUsageDelta.objects.count() == 0
+    assert redis_client().xlen(stream_key(world.bob.pk)) == 0
