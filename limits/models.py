@@ -417,6 +417,15 @@ class PolicyVersion(models.Model):
     )
     actor_label = models.CharField("by", max_length=150, blank=True)
     reason = models.CharField(max_length=500, blank=True)
+    restores = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        # A version is history and never deleted; SET_NULL only keeps the database honest.
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="For a rollback: the earlier version whose policy this one brought back.",
+    )
     document = models.JSONField()
 
     class Meta:

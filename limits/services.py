@@ -187,13 +187,30 @@ def policy_batch(*, actor: Actor, reason: str) -> Iterator[None]:
         _batch.depth = depth
 
 
+@contextmanager
+def _publish_held() -> Iterator[None]:
+    """Edits inside publish nothing themselves; the caller publishes once, itself."""
+    depth = getattr(_batch, "depth", 0)
+    _batch.depth = depth + 1
+    try:
+        yield
+    finally:
+        _batch.depth = depth
+
+
 def policy_publish_on_commit(*, actor: Actor, reason: str) -> None:
     if getattr(_batch, "depth", 0):
         return
     transaction.on_commit(lambda: policy_publish(actor=actor, reason=reason))
 
 
-def policy_publish(*, actor: Actor, reason: str, force: bool = False) -> PolicyVersion | None:
+def policy_publish(
+    *,
+    actor: Actor,
+    reason: str,
+    force: bool = False,
+    restores: PolicyVersion | None = None,
+) -> PolicyVersion | None:
     """Compile the whole policy and record it as a new version when it differs from the
     latest one (or ``force``), then hand it to the enforcement layer.
 
@@ -215,6 +232,7 @@ def policy_publish(*, actor: Actor, reason: str, force: bool = False) -> PolicyV
                     created_by=actor.user,
                     actor_label=actor.label[:150],
                     reason=reason[:500],
+                    restores=restores,
                     document=document,
                 )
                 AuditEntry.objects.filter(policy_version__isnull=True).update(policy_version=number)
@@ -223,6 +241,83 @@ def policy_publish(*, actor: Actor, reason: str, force: bool = False) -> PolicyV
         transaction.on_commit(functools.partial(policy_push, version=version))
         return version
     raise RuntimeError("could not allocate a policy version after 5 attempts")
+
+
+class RollbackRefused(Exception):
+    """A rollback that was not made; the message says why in plain words. Nothing changed."""
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What a rollback did: the version it published (None when the database already held
+    what ``target`` holds), one line per object changed, and what it left as it is."""
+
+    target: PolicyVersion
+    published: PolicyVersion | None
+    changes: list[str]
+    left_alone: list[str]
+
+
+class _NothingToRestore(Exception):
+    """Leaves the rollback's transaction without a publish: the database already matches."""
+
+
+def policy_rollback(*, version: PolicyVersion, actor: Actor) -> RollbackResult:
+    """Make the database hold what ``version`` holds and publish that as a new version.
+
+    The version's document becomes a policy file's data and is loaded exactly as
+    ``loadpolicy`` loads one (validated, every object audited, one transaction), then
+    published once with ``restores`` pointing at ``version``; one more audit entry says who
+    rolled back to which version. Raises ``RollbackRefused`` (nothing changed) for the
+    version already in force or a document that cannot be restored.
+    """
+    from limits.policyfile import PolicyFileError, policy_apply, policy_validate
+    from limits.selectors import UnreadableDocument, policy_restore_for
+
+    latest = PolicyVersion.objects.order_by("-version").only("version").first()
+    if latest is None or latest.version == version.version:
+        raise RollbackRefused(
+            f"v{version.version} is the policy in force already; there is nothing to roll back."
+        )
+    try:
+        restore = policy_restore_for(version=version)
+    except UnreadableDocument as error:
+        raise RollbackRefused(
+            f"v{version.version} cannot be restored: {error}. Nothing was changed."
+        ) from None
+    reason = f"rollback to v{version.version}"
+    try:
+        plan = policy_validate(restore.data)
+        # The changes, their audit and the new version commit together: the version is
+        # recorded inside this transaction (pushed to the engine on commit), so the rollback
+        # can answer with the version it published.
+        with transaction.atomic():
+            with _publish_held():
+                result = policy_apply(plan=plan, actor=actor, reason=reason)
+                if result.is_unchanged:
+                    raise _NothingToRestore
+                audit_record(
+                    actor=actor,
+                    action=AuditEntry.Action.ROLLED_BACK,
+                    instance=version,
+                    changes={"policy": [f"v{latest.version}", f"v{version.version}"]},
+                )
+            published = policy_publish(actor=actor, reason=reason, restores=version)
+    except _NothingToRestore:
+        return RollbackResult(
+            target=version, published=None, changes=[], left_alone=restore.left_alone
+        )
+    except PolicyFileError as error:
+        raise RollbackRefused(
+            f"v{version.version} cannot be restored, nothing was changed: "
+            + "; ".join(error.problems)
+        ) from None
+    return RollbackResult(
+        target=version,
+        published=published,
+        changes=result.lines(),
+        left_alone=restore.left_alone,
+    )
 
 
 def _same_policy(left: dict[str, Any], right: dict[str, Any]) -> bool:
