@@ -21,10 +21,16 @@ from django.contrib.admin.options import IS_POPUP_VAR
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models, transaction
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields import BLANK_CHOICE_DASH
 from django.forms.models import BaseInlineFormSet
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.cache import add_never_cache_headers
@@ -49,7 +55,15 @@ from limits.models import (
     Tier,
     format_window,
 )
-from limits.selectors import audit_trail_for, effective_policy_for_tenant, rule_sort_key
+from limits.selectors import (
+    UnreadableDocument,
+    audit_trail_for,
+    effective_policy_for_tenant,
+    policy_diff,
+    policy_restore_for,
+    rule_sort_key,
+    shadow_rules_for,
+)
 from limits.services import Actor
 
 AUDIT_TRAIL_LENGTH = 50
@@ -1009,23 +1023,183 @@ class ApiKeyAdmin(ServiceWritesMixin, admin.ModelAdmin):
         )
 
 
+# Models a rollback writes to: whoever rolls back must be allowed to edit every one of them,
+# as operators and superusers are and finance is not.
+ROLLBACK_PERMISSIONS = tuple(
+    f"limits.{action}_{model_name}"
+    for model_name in ("tier", "modelclass", "aimodel", "tenant", "limitrule", "budget")
+    for action in ("add", "change", "delete")
+)
+
+
+class RollbackFilter(admin.SimpleListFilter):
+    title = "published by"
+    parameter_name = "kind"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("rollback", "a rollback"), ("edit", "an edit or a policy file")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "rollback":
+            return queryset.filter(restores__isnull=False)
+        if self.value() == "edit":
+            return queryset.filter(restores__isnull=True)
+        return queryset
+
+
 @admin.register(PolicyVersion)
 class PolicyVersionAdmin(ReadOnlyAdmin):
-    list_display = ("__str__", "created_at", "actor_label", "reason")
+    """Every published version: who published it, when and why, what changed from the
+    version before, its shadow rules with their counts, and a rollback to it.
+
+    The rollback is a POST to ``<id>/rollback/`` that calls ``services.policy_rollback``;
+    the pages only read (``limits.selectors``)."""
+
+    list_display = ("__str__", "created_at", "actor_label", "reason", "restores_link")
     list_display_links = ("__str__",)
+    list_filter = (RollbackFilter,)
     search_fields = ("reason", "actor_label")
     date_hierarchy = "created_at"
-    fields = ("version", "created_at", "actor_label", "created_by", "reason", "pretty_document")
-    readonly_fields = fields
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "version",
+                    "created_at",
+                    "actor_label",
+                    "created_by",
+                    "reason",
+                    "restores_link",
+                )
+            },
+        ),
+        ("Compiled document", {"classes": ("collapse",), "fields": ("pretty_document",)}),
+    )
+    readonly_fields = (
+        "version",
+        "created_at",
+        "actor_label",
+        "created_by",
+        "reason",
+        "restores_link",
+        "pretty_document",
+    )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PolicyVersion]:
-        # Documents hold the whole policy; the list needs none of them.
-        return super().get_queryset(request).defer("document")
+        # Documents hold the whole policy; the list needs none of them, and the restored
+        # version's number comes by annotation instead of loading that version too.
+        return (
+            super()
+            .get_queryset(request)
+            .defer("document")
+            .annotate(restores_number=F("restores__version"))
+        )
+
+    @admin.display(description="restores", ordering="restores__version")
+    def restores_link(self, obj: PolicyVersion) -> str:
+        if obj.restores_id is None:
+            return "—"
+        number = getattr(obj, "restores_number", None) or obj.restores_id
+        return format_html(
+            'rollback to <a href="{}">v{}</a>',
+            _admin_change_url("policyversion", obj.restores_id),
+            number,
+        )
 
     @admin.display(description="document")
     def pretty_document(self, obj: PolicyVersion) -> str:
         text = json.dumps(obj.document, indent=2, sort_keys=True, ensure_ascii=False)
         return format_html('<pre class="policy-document">{}</pre>', text)
+
+    def has_rollback_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perms(ROLLBACK_PERMISSIONS))
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: models.Model | None = None,
+    ) -> HttpResponse:
+        if isinstance(obj, PolicyVersion):
+            context.update(self.history_context(request, obj))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def history_context(self, request: HttpRequest, version: PolicyVersion) -> dict[str, Any]:
+        previous = PolicyVersion.objects.filter(version__lt=version.version).first()
+        latest = PolicyVersion.objects.first()
+        is_latest = latest is None or latest.pk == version.pk
+        context: dict[str, Any] = {
+            "previous_version": previous,
+            "latest_version": latest,
+            "is_latest": is_latest,
+            "can_roll_back": not is_latest and self.has_rollback_permission(request),
+            "rollback_url": reverse("admin:limits_policyversion_rollback", args=[version.pk]),
+        }
+        try:
+            context["changes"] = policy_diff(
+                old=previous.document if previous else {}, new=version.document
+            )
+            context["shadow_rules"] = shadow_rules_for(document=version.document)
+            if latest is not None and not is_latest:
+                context["rollback_changes"] = policy_diff(old=latest.document, new=version.document)
+                context["rollback_left_alone"] = policy_restore_for(version=version).left_alone
+        except UnreadableDocument as error:
+            context["document_error"] = str(error)
+            context["can_roll_back"] = False
+        return context
+
+    def get_urls(self) -> list[URLPattern]:
+        rollback = path(
+            "<path:object_id>/rollback/",
+            self.admin_site.admin_view(self.rollback_view),
+            name="limits_policyversion_rollback",
+        )
+        return [rollback, *super().get_urls()]
+
+    def rollback_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Roll back to one version: a POST from the button on its page, nothing else."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_rollback_permission(request):
+            raise PermissionDenied
+        version = self.get_object(request, unquote(object_id))
+        if version is None:
+            raise Http404("No such policy version.")
+        page = _admin_change_url("policyversion", version.pk)
+        try:
+            result = services.policy_rollback(version=version, actor=_actor(request))
+        except services.RollbackRefused as refused:
+            self.message_user(request, str(refused), messages.WARNING)
+            return HttpResponseRedirect(page)
+        if not result.changes:
+            self.message_user(
+                request,
+                f"Nothing to change: the database already holds what {version} holds.",
+                messages.WARNING,
+            )
+        elif result.published is None:
+            self.message_user(
+                request,
+                f"Rolled back to {version} in the database; what is enforced did not change, "
+                "so no new version was published.",
+                messages.SUCCESS,
+            )
+        else:
+            count = len(result.changes)
+            self.message_user(
+                request,
+                f"Rolled back to {version}: published {result.published} "
+                + ngettext("(%(count)d change).", "(%(count)d changes).", count) % {"count": count},
+                messages.SUCCESS,
+            )
+            page = _admin_change_url("policyversion", result.published.pk)
+        for note in result.left_alone:
+            self.message_user(request, note, messages.INFO)
+        return HttpResponseRedirect(page)
 
 
 @admin.register(AuditEntry)
