@@ -75,6 +75,10 @@ THOUSAND_TH = Decimal("0.001")
 PENDING_PER_WRITE = 5000
 # Tenant streams asked per pipeline round trip.
 STREAMS_PER_ROUND = 50
+# How often a stream is searched for what a dead consumer left pending (XAUTOCLAIM walks
+# the stream's pending entries, this drain's own included, and costs Redis more than reading
+# new ones): at a source's first read, then at most this often.
+CLAIM_EVERY_SECONDS = 1.0
 # Batches between two folds of the user deltas into the top-user rollups (and one at the
 # end of every drain).
 FOLD_EVERY = 50
@@ -307,6 +311,7 @@ class RedisSource:
             self.entries_client.set_response_callback(command, _raw_reply)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._grouped: set[str] = set()
+        self._claimed_at: dict[int, float] = {}
         self._offset = 0
         self._denied_seen: dict[int, dict[str, int]] = {}
 
@@ -358,13 +363,20 @@ class RedisSource:
             keys = [stream_key(tenant) for tenant in chunk]
             self._ensure_groups(keys)
             pipe = self.entries_client.pipeline(transaction=False)
-            for tenant, key in zip(chunk, keys, strict=True):
-                pipe.xautoclaim(key, GROUP, self.consumer, idle_ms, start_id="0-0", count=count)
+            now = time.monotonic()
+            claiming = [
+                now - self._claimed_at.get(tenant, -CLAIM_EVERY_SECONDS) >= CLAIM_EVERY_SECONDS
+                for tenant in chunk
+            ]
+            for tenant, key, claim in zip(chunk, keys, claiming, strict=True):
+                if claim:
+                    pipe.xautoclaim(key, GROUP, self.consumer, idle_ms, start_id="0-0", count=count)
                 pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=count)
                 pipe.hgetall(denied_key(tenant))
-            results = pipe.execute(raise_on_error=False)
+            results = iter(pipe.execute(raise_on_error=False))
             for index, tenant in enumerate(chunk):
-                claimed, fresh, denied = results[3 * index : 3 * index + 3]
+                claimed = next(results) if claiming[index] else None
+                fresh, denied = next(results), next(results)
                 for result in (claimed, fresh, denied):
                     if isinstance(result, Exception):
                         if "NOGROUP" in str(result):
@@ -372,6 +384,12 @@ class RedisSource:
                             continue
                         raise result
                 raw: list[Any] = []
+                if claiming[index]:
+                    # A full claim may have left more to take: look again next read.
+                    full = (
+                        isinstance(claimed, list) and len(claimed) > 1 and len(claimed[1]) >= count
+                    )
+                    self._claimed_at[tenant] = -CLAIM_EVERY_SECONDS if full else now
                 if isinstance(claimed, list) and len(claimed) > 1 and claimed[1]:
                     # Entries deleted while pending come back without fields (Redis 6.2).
                     mine = set(held.get(tenant, ())) if held else set()

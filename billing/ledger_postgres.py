@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ COMMIT_COLUMNS = (
     "tenant_id bigint, commit_id text, at_us bigint, request_id text, input_tokens bigint, "
     "output_tokens bigint, status text"
 )
-_UNSETTLED = "\t\t\t\t\n"  # a check without its commit: the five commit columns empty
+_UNSETTLED = b"\t\t\t\t\n"  # a check without its commit: the five commit columns empty
 
 
 class NotAsWritten(Exception):  # noqa: N818 - it is a condition, not a failure
@@ -76,20 +77,69 @@ class Staged:
 
 
 # -- laying a batch out ------------------------------------------------------------------
+# A check's and a commit's document exactly as the engine lays it out (compact JSON, its
+# keys in its order), read by one pattern into a tuple: names without escapes or control
+# characters, whole numbers as JSON writes them. Any other document is parsed as JSON.
+_NAME = rb'"([^"\\\x00-\x1f]*)"'
+_ANY_NAME = rb'(?:null|"[^"\\\x00-\x1f]*")'
+_WHOLE = rb"0|[1-9][0-9]*"
+_CHECK_DOCUMENT = re.compile(
+    rb'\{"request_id":'
+    + _NAME
+    + rb',"tenant":-?(?:'
+    + _WHOLE
+    + rb'),"key":(null|'
+    + _WHOLE
+    + rb'),"user":'
+    + _NAME
+    + rb',"model":'
+    + _NAME
+    + rb',"tokens":(-?(?:'
+    + _WHOLE
+    + rb')),"version":('
+    + _WHOLE
+    + rb")\}"
+).fullmatch
+_COMMIT_DOCUMENT = re.compile(
+    rb'\{"request_id":'
+    + _NAME
+    + rb',"tenant":-?(?:'
+    + _WHOLE
+    + rb'),"key":(?:null|'
+    + _WHOLE
+    + rb'),"user":'
+    + _ANY_NAME
+    + rb',"model":'
+    + _ANY_NAME
+    + rb',"input_tokens":(-?(?:'
+    + _WHOLE
+    + rb')),"output_tokens":(-?(?:'
+    + _WHOLE
+    + rb')),"status":"([^"\\\x00-\x1f]{1,16})"\}'
+).fullmatch
+_MINUS = ord("-")
+
+# json.loads without its wrapping (finding the encoding, skipping white space, checking for
+# more after the document), which costs more than the parse of an entry's small document:
+# the C scanner on text, the end checked here. Anything unusual goes to json.loads.
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
 class _Layout:
     """A batch's rows for ``COPY``, made as the entries come: one line per check (its commit
     part filled in when its commit is in the batch too) and one per commit left over.
-    Strings, not an object per entry: a batch may hold tens of thousands."""
+    Bytes, not an object per entry: a batch may hold tens of thousands."""
 
     def __init__(self, *, escaped: bool) -> None:
         self.clean: Any = _escape if escaped else str
-        self.heads: list[str] = []
-        self.tails: list[str] = []
+        self.heads: list[bytes] = []
+        self.tails: list[bytes] = []
         # (tenant, request id) -> the index of its check, or a list of indexes when the
         # request id came back (reused after its first record expired)
-        self.by_request: dict[tuple[int, str], Any] = {}
+        self.by_request: dict[tuple[int, bytes], Any] = {}
+        # (tenant, entry id, time, request id, input tokens, output tokens, status)
         self.commits: list[tuple[Any, ...]] = []
-        self.models: set[str] = set()
+        self.models: set[bytes] = set()
 
     def check(
         self,
@@ -103,18 +153,20 @@ class _Layout:
         version: int,
         tokens: int,
     ) -> None:
+        """A check parsed from JSON (or normalised)."""
         clean = self.clean
-        index = len(self.heads)
+        self.pair(tenant_id, request_id.encode(), len(self.heads))
         self.heads.append(
-            f"{tenant_id}\t{clean(entry_id)}\t{at_us}\t{clean(request_id)}\t"
-            f"{'' if key is None else key}\t{clean(user)}\t{clean(model)}\t{version}\t"
-            f"{tokens if tokens > 0 else 0}\t"
+            (
+                f"{tenant_id}\t{clean(entry_id)}\t{at_us}\t{clean(request_id)}\t"
+                f"{'' if key is None else key}\t{clean(user)}\t{clean(model)}\t{version}\t"
+                f"{tokens if tokens > 0 else 0}\t"
+            ).encode()
         )
         self.tails.append(_UNSETTLED)
-        self.models.add(model)
-        self.pair(tenant_id, request_id, index)
+        self.models.add(model.encode())
 
-    def pair(self, tenant_id: int, request_id: str, index: int) -> None:
+    def pair(self, tenant_id: int, request_id: bytes, index: int) -> None:
         found = self.by_request.setdefault((tenant_id, request_id), index)
         if found != index:
             if type(found) is int:
@@ -132,15 +184,18 @@ class _Layout:
         output_tokens: int,
         status: str,
     ) -> None:
+        """A commit parsed from JSON (or normalised)."""
+        clean = self.clean
         self.commits.append(
             (
                 tenant_id,
-                entry_id,
-                at_us,
-                request_id,
-                input_tokens if input_tokens > 0 else 0,
-                output_tokens if output_tokens > 0 else 0,
-                status,
+                clean(entry_id).encode(),
+                b"%d" % at_us,
+                request_id.encode(),
+                b"%d" % max(0, input_tokens),
+                b"%d" % max(0, output_tokens),
+                clean(status).encode(),
+                clean(request_id).encode(),
             )
         )
 
@@ -174,7 +229,6 @@ class _Layout:
         """Settle the checks with the batch's commits (each commit the latest check of its
         request at or before it, else the latest; the earliest commit reaching a check wins)
         and lay the rows out. ``quick``: None when a value would need escaping."""
-        clean = self.clean
         leftover: list[tuple[Any, ...]] = []
         settled: dict[int, tuple[Any, ...]] = {}
         for commit in self.commits:
@@ -182,40 +236,48 @@ class _Layout:
             if found is None:
                 leftover.append(commit)
                 continue
-            index = found if type(found) is int else self._latest(found, commit[2])
+            index = found if type(found) is int else self._latest(found, int(commit[2]))
             earlier = settled.get(index)
             if earlier is None:
                 settled[index] = commit
-            elif commit[2] < earlier[2]:
+            elif int(commit[2]) < int(earlier[2]):
                 settled[index] = commit
                 leftover.append(earlier)
             else:
                 leftover.append(commit)
         tails = self.tails
         for index, commit in settled.items():
-            tails[index] = (
-                f"{clean(commit[1])}\t{commit[2]}\t{commit[4]}\t{commit[5]}\t{clean(commit[6])}\n"
-            )
-        checks_text = "".join(chain.from_iterable(zip(self.heads, tails, strict=True)))
-        commits_text = "".join(
-            f"{tenant_id}\t{clean(entry_id)}\t{at_us}\t{clean(request_id)}\t{used_in}\t"
-            f"{used_out}\t{clean(status)}\n"
-            for tenant_id, entry_id, at_us, request_id, used_in, used_out, status in leftover
+            tails[index] = b"%b\t%b\t%b\t%b\t%b\n" % (commit[1], commit[2], *commit[4:7])
+        checks_text = b"".join(chain.from_iterable(zip(self.heads, tails, strict=True)))
+        commits_text = b"".join(
+            b"%d\t%b\t%b\t%b\t%b\t%b\t%b\n" % (*commit[:3], commit[7], *commit[4:7])
+            for commit in leftover
         )
         if quick:
-            checks_bytes = _quick_bytes(checks_text, len(self.heads), 14)
-            commits_bytes = _quick_bytes(commits_text, len(leftover), 7)
-            if checks_bytes is None or commits_bytes is None:
-                return None
-        else:
-            checks_bytes, commits_bytes = checks_text.encode(), commits_text.encode()
+            # Names are the callers' text: a tab or line break in one would shift the
+            # columns, so such a batch is laid out again with every value escaped. A
+            # backslash only needs doubling, and nothing else in a row has one.
+            for text, lines, columns in (
+                (checks_text, len(self.heads), 14),
+                (commits_text, len(leftover), 7),
+            ):
+                if text.count(b"\t") != (columns - 1) * lines or text.count(b"\n") != lines:
+                    return None
+                if b"\r" in text:
+                    return None
+            checks_text = checks_text.replace(b"\\", b"\\\\")
+            commits_text = commits_text.replace(b"\\", b"\\\\")
+        try:
+            models = frozenset(model.decode() for model in self.models)
+        except UnicodeDecodeError:  # raw bytes that are not UTF-8: not text at all
+            return None
         entries = len(self.heads) + len(self.commits)
-        return Staged(checks_bytes, commits_bytes, entries, len(self.heads), frozenset(self.models))
+        return Staged(checks_text, commits_text, entries, len(self.heads), models)
 
     def _latest(self, indexes: list[int], at_us: int) -> int:
         # Rare (a request id used again): its checks' times and ids read back from their
         # lines.
-        fields = {index: self.heads[index].split("\t", 3) for index in indexes}
+        fields = {index: self.heads[index].split(b"\t", 3) for index in indexes}
         times = {index: int(fields[index][2]) for index in indexes}
         ordered = sorted(indexes, key=lambda index: (times[index], fields[index][1]))
         found = None
@@ -233,102 +295,137 @@ def _escape(value: str) -> str:
     )
 
 
-def _quick_bytes(text: str, lines: int, columns: int) -> bytes | None:
-    """Unescaped lines for ``COPY``; None when a value holds what would need escaping."""
-    # Names are the callers' text: a tab or line break in one would shift the columns, so
-    # such a batch is laid out again with every value escaped. A backslash only needs
-    # doubling, and nothing else in a row has one.
-    if text.count("\t") != (columns - 1) * lines or text.count("\n") != lines or "\r" in text:
-        return None
-    try:
-        return text.replace("\\", "\\\\").encode()
-    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape
-        return None
-
-
-# json.loads without its wrapping (finding the encoding, skipping white space, checking for
-# more after the document), which costs more than the parse of an entry's small document:
-# the C scanner on text, the end checked here. Anything unusual goes to json.loads.
-_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-
 def staged_from_stream(streams: Iterable[tuple[int, list[Any]]]) -> Staged | None:
     """Entries as Redis returned them, laid out for ``COPY``; None when a value would need
     escaping (then ``staged_from_entries`` does it carefully).
 
-    Entries shaped exactly as the engine writes them take the quick way; any other goes
-    through ``entry_normalised``, which logs and leaves out what is malformed."""
+    Entries written as the engine writes them take the quick way; any other goes through
+    ``entry_normalised``, which logs and leaves out what is malformed."""
     from billing.ingest import StreamEntries
 
-    scan = _scan_json
+    check_document, commit_document, scan = _CHECK_DOCUMENT, _COMMIT_DOCUMENT, _scan_json
     layout = _Layout(escaped=False)
-    # Bound once: the loop below runs per entry (it is layout.check, inlined).
+    # Bound once: the loop below runs per entry.
     add_head, add_tail, add_model = layout.heads.append, layout.tails.append, layout.models.add
-    pair, commit = layout.pair, layout.commit
+    add_commit, pair = layout.commits.append, layout.pair
     odd = StreamEntries()
-    for tenant_id, items in streams:
-        odd_items = []
-        for raw_id, flat in items:
-            if len(flat) == 6 and flat[0] == b"k" and flat[2] == b"e" and flat[4] == b"t":
-                at = flat[5]
-                try:
-                    text = flat[3].decode()
-                    data, end = scan(text, 0)
-                except (ValueError, StopIteration):
+    try:
+        for tenant_id, items in streams:
+            prefix = b"%d\t" % tenant_id
+            odd_items = []
+            for raw_id, flat in items:
+                if not (
+                    len(flat) == 6
+                    and flat[0] == b"k"
+                    and flat[2] == b"e"
+                    and flat[4] == b"t"
+                    # Digits only: a time the engine can have written, as COPY reads it.
+                    and flat[5].isdigit()
+                    and len(flat[5]) < 18
+                ):
                     odd_items.append((raw_id, flat))
                     continue
-                # Digits only: a time the engine can have written, and the text COPY reads.
-                if end == len(text) and type(data) is dict and at.isdigit() and len(at) < 18:
-                    get = data.get
-                    request_id = get("request_id")
-                    kind = flat[1]
-                    if kind == b"check":
-                        key, user, model = get("key"), get("user"), get("model")
-                        version, tokens = get("version"), get("tokens")
-                        if (
-                            type(request_id) is str
-                            and type(user) is str
-                            and type(model) is str
-                            and type(tokens) is int
-                            and type(version) is int
-                            and (key is None or type(key) is int)
-                        ):
-                            pair(tenant_id, request_id, len(layout.heads))
-                            add_head(
-                                f"{tenant_id}\t{raw_id.decode()}\t{int(at)}\t{request_id}\t"
-                                f"{'' if key is None else key}\t{user}\t{model}\t{version}\t"
-                                f"{tokens if tokens > 0 else 0}\t"
-                            )
-                            add_tail(_UNSETTLED)
-                            add_model(model)
-                            continue
-                    elif kind == b"commit":
-                        used_in, used_out = get("input_tokens"), get("output_tokens")
-                        status = get("status")
-                        if (
-                            type(request_id) is str
-                            and type(used_in) is int
-                            and type(used_out) is int
-                            and type(status) is str
-                            and 0 < len(status) <= 16
-                        ):
-                            commit(
-                                tenant_id,
-                                raw_id.decode(),
-                                int(at),
+                kind, document, at = flat[1], flat[3], flat[5]
+                if kind == b"check":
+                    match = check_document(document)
+                    if match is not None:
+                        request_id, key, user, model, tokens, version = match.groups()
+                        pair(tenant_id, request_id, len(layout.heads))
+                        add_head(
+                            b"%b%b\t%b\t%b\t%b\t%b\t%b\t%b\t%b\t"
+                            % (
+                                prefix,
+                                raw_id,
+                                at,
                                 request_id,
-                                used_in,
-                                used_out,
-                                status,
+                                b"" if key == b"null" else key,
+                                user,
+                                model,
+                                version,
+                                b"0" if tokens[0] == _MINUS else tokens,
                             )
-                            continue
-            odd_items.append((raw_id, flat))
-        if odd_items:
-            odd.add(tenant_id, odd_items)
-    if odd.count:
-        for entry in odd.parsed():
-            layout.entry(entry)
+                        )
+                        add_tail(_UNSETTLED)
+                        add_model(model)
+                        continue
+                elif kind == b"commit":
+                    match = commit_document(document)
+                    if match is not None:
+                        request_id, used_in, used_out, status = match.groups()
+                        add_commit(
+                            (
+                                tenant_id,
+                                raw_id,
+                                at,
+                                request_id,
+                                b"0" if used_in[0] == _MINUS else used_in,
+                                b"0" if used_out[0] == _MINUS else used_out,
+                                status,
+                                request_id,
+                            )
+                        )
+                        continue
+                if not _parsed_entry(layout, scan, tenant_id, raw_id, kind, document, at):
+                    odd_items.append((raw_id, flat))
+            if odd_items:
+                odd.add(tenant_id, odd_items)
+        if odd.count:
+            for entry in odd.parsed():
+                layout.entry(entry)
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape
+        return None
     return layout.staged(quick=True)
+
+
+def _parsed_entry(
+    layout: _Layout,
+    scan: Any,
+    tenant_id: int,
+    raw_id: bytes,
+    kind: bytes,
+    document: bytes,
+    at: bytes,
+) -> bool:
+    """A document not laid out as the engine lays it out, parsed as JSON; False when it is
+    not written with the types the engine writes either."""
+    try:
+        text = document.decode()
+        data, end = scan(text, 0)
+    except (ValueError, StopIteration):
+        return False
+    if end != len(text) or type(data) is not dict:
+        return False
+    get = data.get
+    request_id = get("request_id")
+    if type(request_id) is not str:
+        return False
+    if kind == b"check":
+        key, user, model = get("key"), get("user"), get("model")
+        version, tokens = get("version"), get("tokens")
+        if (
+            type(user) is str
+            and type(model) is str
+            and type(tokens) is int
+            and type(version) is int
+            and (key is None or type(key) is int)
+        ):
+            layout.check(
+                tenant_id, raw_id.decode(), int(at), request_id, key, user, model, version, tokens
+            )
+            return True
+    elif kind == b"commit":
+        used_in, used_out, status = get("input_tokens"), get("output_tokens"), get("status")
+        if (
+            type(used_in) is int
+            and type(used_out) is int
+            and type(status) is str
+            and 0 < len(status) <= 16
+        ):
+            layout.commit(
+                tenant_id, raw_id.decode(), int(at), request_id, used_in, used_out, status
+            )
+            return True
+    return False
 
 
 def staged_from_entries(entries: Iterable[Entry]) -> Staged:
@@ -735,7 +832,8 @@ def begin(staged: Staged) -> None:
                 # for a batch fit in memory with room to spare.
                 "SET LOCAL timezone = 'UTC'; SET LOCAL work_mem = '64MB';"
                 # Empty at every commit, but a rolled-back savepoint may have left rows.
-                "TRUNCATE {}, {}"
+                # (DELETE: on an empty table it does nothing, where TRUNCATE makes new files.)
+                "DELETE FROM {}; DELETE FROM {}"
             )
             .format(
                 sql.Literal(sorted(staged.models)), sql.Identifier(CHECKS), sql.Identifier(COMMITS)

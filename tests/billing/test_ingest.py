@@ -777,3 +777,17 @@ def test_reading_ahead_never_hands_the_batch_being_written_back_to_its_drain(
     assert UsageEvent.objects.filter(is_estimate=False).count() == 30
     assert UserUsageDelta.objects.count() == 0
     assert redis_client().xlen(stream_key(world.bob.pk)) == 0
+
+
+def test_the_engines_documents_are_read_by_the_quick_pattern_not_parsed_as_json(published, clock):
+    """The drain reads entries laid out as the engine lays them out without a JSON parser;
+    anything else still works, only slower. This says when the two drift apart."""
+    world = published
+    engine.check(world.alice.pk, "u1", "gpt-4o", tokens=7, request_id="r1")
+    engine.commit(world.alice.pk, "r1", input_tokens=3, output_tokens=4, status="error")
+    entries = redis.Redis.from_url(django_settings.REDIS_URL).xrange(stream_key(world.alice.pk))
+
+    documents = {fields[b"k"]: fields[b"e"] for _, fields in entries}
+
+    assert ledger_postgres._CHECK_DOCUMENT(documents[b"check"]) is not None
+    assert ledger_postgres._COMMIT_DOCUMENT(documents[b"commit"]) is not None
