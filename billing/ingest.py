@@ -6,14 +6,20 @@ that consumes the quota, and counts denied checks per hour and model in the hash
 ``<prefix>:{t:<tenant>}:denied``. A drain cycle:
 
 1. reads a batch with ``XREADGROUP`` (consumer group ``billing``, created with ``MKSTREAM``),
-   after taking over with ``XAUTOCLAIM`` what a consumer that died had read but never
-   acknowledged (idle longer than ``BILLING_CLAIM_IDLE_SECONDS``);
-2. writes it in one transaction: new checks are inserted with ``ON CONFLICT DO NOTHING`` on
-   (tenant, stream entry id) (``COPY`` into a temporary table first on PostgreSQL); commits
-   amend their check; the rollups get exactly the rows that were inserted or amended; denied
-   counts are stored as the absolute values Redis holds;
+   taking over with ``XAUTOCLAIM`` (at a reader's first read, then at most once a second)
+   what a consumer that died had read but never acknowledged (idle longer than
+   ``BILLING_CLAIM_IDLE_SECONDS``);
+2. writes it in one transaction: checks not stored yet (unique on tenant and stream entry
+   id) are inserted; commits settle their check; the rollups get exactly the rows that were
+   inserted or amended; denied counts are stored as the absolute values Redis holds;
 3. acknowledges the batch only after that transaction committed (``XACK``), then trims the
    stream below the oldest entry that is still pending (``XTRIM MINID``).
+
+From Redis, a second thread reads and lays out the next batch, and acknowledges the last
+one, while a batch is written. On PostgreSQL the write is set-based SQL
+(``billing/ledger_postgres.py``), and what it adds to the top-user rollups waits in
+``UserUsageDelta`` until the drain folds it in at its end; elsewhere ``ledger_write_portable``
+does the same in Python.
 
 A drain killed anywhere leaves its batch pending: the next one claims and writes it again,
 the unique key turns the repeat into nothing, and the rollups move only with rows that were
@@ -43,7 +49,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from django.conf import settings
@@ -63,6 +69,9 @@ from billing.models import (
     StatementAdjustment,
     UsageEvent,
 )
+
+if TYPE_CHECKING:
+    from billing.ledger_postgres import Staged
 
 logger = logging.getLogger(__name__)
 
@@ -185,14 +194,15 @@ def _name(value: Any, longest: int = 200) -> str:
 
 
 class StreamEntries:
-    """Stream entries as Redis returned them (bytes), per tenant stream. On PostgreSQL they
-    go to the database without being parsed in Python; ``parsed`` is for everywhere else and
-    for entries that are not shaped as the engine writes them."""
+    """Stream entries as Redis returned them (bytes), per tenant stream: laid out for
+    PostgreSQL's ``COPY`` without an object per entry (``staged``), or parsed into
+    ``Entry`` objects (``parsed``: the portable write, and batches a value of which must be
+    checked entry by entry)."""
 
     def __init__(self) -> None:
         self.streams: list[tuple[int, list[Any]]] = []
         self.count = 0
-        self._staged: Any = None
+        self._staged: Staged | None = None
         self._staged_made = False
 
     def add(self, tenant_id: int, items: list[Any]) -> None:
@@ -203,9 +213,9 @@ class StreamEntries:
     def __len__(self) -> int:
         return self.count
 
-    def staged(self) -> Any:
-        """The entries laid out for PostgreSQL's ``COPY`` (``ledger_postgres.Staged``), or
-        None when a value needs escaping; worked out once."""
+    def staged(self) -> Staged | None:
+        """The entries laid out for PostgreSQL's ``COPY``, or None when a value needs
+        escaping; worked out once."""
         if not self._staged_made:
             from billing.ledger_postgres import staged_from_stream
 
@@ -990,7 +1000,7 @@ def _ledger_write_postgres(
         return _write_staged(careful, denied, fold=fold)
 
 
-def _write_staged(staged: Any, denied: dict[int, dict[str, int]], *, fold: bool) -> WriteReport:
+def _write_staged(staged: Staged, denied: dict[int, dict[str, int]], *, fold: bool) -> WriteReport:
     from billing import ledger_postgres
 
     ledger_postgres.begin(staged)

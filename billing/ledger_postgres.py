@@ -3,15 +3,16 @@
 Python does what it can do before the transaction, on the thread that reads the streams
 while the previous batch is written: it parses the entries, settles each check with its
 commit when both are in the batch, and lays the result out as ``COPY`` text, one row per
-check and one per commit left over. In the transaction, the rows are copied into a
-temporary table and one statement does the rest: it prices the checks at the price in force
-when they happened, inserts those that are new (``ON CONFLICT DO NOTHING`` on (tenant,
-stream entry id)), amends checks stored before with the commits left over, keeps commits
-whose check has not arrived in ``PendingCommit``, moves the five rollups by exactly what was
-inserted or amended (``INSERT … SELECT … GROUP BY … ON CONFLICT DO UPDATE``), and records
-statement adjustments for months already finalised. Commits that waited in
-``PendingCommit`` are tried by a second run of the statement, after the first one's rows
-are visible.
+check and one per commit left over. In the transaction, the rows are copied into two
+temporary tables and one statement does the rest: it prices the checks at the price in force
+when they happened, inserts those not stored yet (unique on tenant and stream entry id),
+amends checks stored before with the commits left over, keeps commits whose check has not
+arrived in ``PendingCommit``, moves the hourly, daily and monthly rollups by exactly what was
+inserted or amended (``INSERT … SELECT … GROUP BY … ON CONFLICT DO UPDATE``), appends what
+the top-user rollups gain to ``UserUsageDelta`` (folded in by ``user_rollups_fold``), and
+records statement adjustments for months already finalised. Commits that waited in
+``PendingCommit`` are tried by a second run of the statement, once the batch's checks are
+stored.
 
 The rules are those of the portable write in ``billing/ingest.py`` (used on SQLite), and
 ``tests/billing/test_ingest.py`` holds the two to the same results:
@@ -590,7 +591,7 @@ candidates AS (
                                     AND event.request_id = unmatched.request_id
     UNION ALL
     SELECT unmatched.tenant_id, unmatched.commit_id, unmatched.at_us, NULL,
-           {_US.format("new.occurred_at")}, new.commit_event_id, NULL, NULL, NULL, NULL,
+           new.at_us, new.commit_event_id, NULL, NULL, NULL, NULL,
            NULL
     FROM unmatched
     JOIN new ON new.tenant_id = unmatched.tenant_id AND new.request_id = unmatched.request_id
