@@ -444,6 +444,22 @@ def test_shadow_rules_show_how_many_checks_they_would_have_denied(operator_clien
     )
 
 
+def test_shadow_counts_say_unknown_when_redis_cannot_be_read(
+    operator_client, world, publish, settings
+):
+    LimitRuleFactory(tier=world.tier, window_seconds=60, limit=1, is_shadow=True)
+    version = publish()
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"  # nothing listens on the discard port
+    engine.reset_state()
+
+    response = operator_client.get(version_url(version))
+
+    assert response.status_code == 200
+    [row] = response.context["shadow_rules"]
+    assert (row.counts, row.total) == (None, None)
+    assertContains(response, "unknown (the limiter's Redis could not be read)")
+
+
 def test_a_version_without_shadow_rules_says_so(operator_client, world, publish):
     version = publish()
 
