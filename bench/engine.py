@@ -309,26 +309,29 @@ def split_process(contender: Contender, prefix: str, url: str, rounds: int, out:
 
         if contender.kind == "ours":
             engine = _ours(prefix, url, patient=False)
+            from limits.backends import LoadedScript
+
             chosen = engine.backend()
             tokens = TOKENS if contender.tenant == FIVE_RULES else 0
-            real, noop = chosen._check, chosen.client.register_script(NOOP_CHECK)
+            real, noop = chosen.check_script, LoadedScript.of(NOOP_CHECK)
             sent: dict[str, Any] = {}
 
-            def capture(keys: list[str], args: list[Any]) -> Any:
+            def capture(script: Any, keys: list[str], args: list[Any]) -> Any:
                 sent.update(keys=keys, args=args)
-                return noop(keys=keys, args=args)
+                return type(chosen).evalsha(chosen, noop, keys, args)
 
-            chosen._check = capture
+            chosen.evalsha = capture  # the next check's keys and arguments, on the no-op
             engine.check(contender.tenant, "split-capture", MODEL, tokens)
+            del chosen.evalsha
 
             def whole() -> None:
                 engine.check(contender.tenant, user(), MODEL, tokens)
 
             def alone() -> None:
-                noop(keys=sent["keys"], args=sent["args"])
+                chosen.evalsha(noop, sent["keys"], sent["args"])
 
             def swap(script: Any) -> None:
-                chosen._check = script
+                chosen.check_script = script
 
             scripts = (real, noop)
         else:

@@ -308,7 +308,7 @@ def reset_state() -> None:
         store = _state.pop("store", None)
         for value in list(_state.values()):
             if isinstance(value, RedisBackend):
-                value.client.close()
+                value.close()
         _state.clear()
     if store is not None:
         store.stop()
