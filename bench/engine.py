@@ -287,7 +287,7 @@ def speed_process(contender: Contender, prefix: str, url: str, blocks: Any, out:
 # reply of the usual shape.
 NOOP_CHECK = """
 local reply = {1, 0, 0, -1}
-for _ = 1, 2 * tonumber(ARGV[8]) do reply[#reply + 1] = 0 end
+for _ = 1, 2 * tonumber(ARGV[10]) do reply[#reply + 1] = 0 end
 reply[#reply + 1] = ""
 return reply
 """

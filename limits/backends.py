@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 import redis
@@ -35,44 +35,73 @@ class BackendUnavailable(Exception):
 
 
 @dataclass(frozen=True)
-class LimitCall:
-    """One limit as the scripts see it."""
+class LimitSpec:
+    """One limit of a plan as the scripts see it: what stays the same from check to check."""
 
     kind: str  # "r" requests, "t" tokens, "c" concurrency, "k" token budget, "m" money budget
     limit: int
     span: str  # window or lease in µs, or the budget period "d" / "m"
-    weight: int
+    ttl_ms: str  # key TTL: windows twice the window, leases the lease + 1 ms; "" for budgets
     shadow: bool
     label: str
-    key: str
+
+    def weight(self, tokens: int, cost: int) -> int:
+        """What one check adds: one request or lease, its tokens, or its cost."""
+        if self.kind in ("t", "k"):
+            return tokens
+        return cost if self.kind == "m" else 1
 
 
-@dataclass(frozen=True)
-class CheckCall:
-    record_key: str
-    stream_key: str
-    denied_key: str
-    shadow_key: str
+def limit_args(limits: tuple[LimitSpec, ...]) -> tuple[str, ...]:
+    """The limits as check.lua reads them from ARGV[10…]: their count, then 6 values each.
+    Made once per plan."""
+    args = [str(len(limits))]
+    for item in limits:
+        args += [item.kind, str(item.limit), item.span, item.ttl_ms, "1" if item.shadow else "0"]
+        args.append(item.label)
+    return tuple(args)
+
+
+class CheckCall(NamedTuple):
+    """One check as both backends take it. A named tuple: it is made for every check."""
+
+    # KEYS as check.lua reads them: record, stream, denied, shadow, then each limit's key (a
+    # token window's running sum right after it).
+    keys: list[str]
     request_id: str
     member: str  # what the sorted sets hold: the request id qualified by its tenant
     mode: str  # "check", "dry" (decide only) or "peek" (read only)
     record_ttl_ms: int
     event: str
     denied_label: str
-    extra: str  # remembered with the decision, for the commit
-    limits: tuple[LimitCall, ...]
+    prices: str  # "<input>\t<output>\t" (µ-units per 1K): remembered with the event, for commit
+    tokens: int  # the estimate
+    cost: int  # the estimate in nano-units of the currency
+    limits: tuple[LimitSpec, ...]
+    limit_args: tuple[str, ...]  # ``limit_args(limits)``, made once per plan
+
+    @property
+    def record_key(self) -> str:
+        return self.keys[0]
+
+    @property
+    def stream_key(self) -> str:
+        return self.keys[1]
+
+    @property
+    def denied_key(self) -> str:
+        return self.keys[2]
+
+    @property
+    def shadow_key(self) -> str:
+        return self.keys[3]
 
 
-@dataclass(frozen=True)
-class RawCheck:
-    status: int  # 1 allowed, 0 denied
-    now: int  # µs
-    denied_index: int  # 1-based, 0 when none
-    retry: int  # µs; -1 none, NEVER
-    used: tuple[int, ...]
-    reset: tuple[int, ...]
-    shadow_denied: tuple[int, ...]  # 1-based indexes
-    repeated: bool = False
+# What a check answers, laid out as check.lua returns it: [status (1 allowed, 0 denied), now
+# µs, denied index (1-based, 0 none), retry µs (-1 none, NEVER), used_1, reset_1, …, shadow
+# denied mask "i,j,"]. Numbers may come as text (a repeated request's stored answer); the
+# engine reads only what its caller asks for.
+Answer = tuple[list[Any], bool]  # (values, repeated)
 
 
 @dataclass(frozen=True)
@@ -115,28 +144,6 @@ def test_clock_us() -> int | None:
     """Time injected by tests through a setting that production never sets."""
     value = getattr(settings, "QUOTA_TEST_NOW_US", None)
     return None if value is None else int(value)
-
-
-def _parse_check(reply: list[Any]) -> RawCheck:
-    if int(reply[0]) == 2:
-        values = str(reply[1]).split(";")
-        return _parse_values(values, repeated=True)
-    return _parse_values(reply, repeated=False)
-
-
-def _parse_values(values: list[Any], *, repeated: bool) -> RawCheck:
-    pairs = [int(v) for v in values[4:-1]]
-    mask = str(values[-1])
-    return RawCheck(
-        status=int(values[0]),
-        now=int(values[1]),
-        denied_index=int(values[2]),
-        retry=int(values[3]),
-        used=tuple(pairs[0::2]),
-        reset=tuple(pairs[1::2]),
-        shadow_denied=tuple(int(i) for i in mask.split(",") if i),
-        repeated=repeated,
-    )
 
 
 @dataclass(frozen=True)
@@ -260,24 +267,23 @@ class RedisBackend:
         return bool(self._open_until)
 
     # -- calls -----------------------------------------------------------------------
-    def check(self, call: CheckCall) -> RawCheck:
-        keys = [call.record_key, call.stream_key, call.denied_key, call.shadow_key]
-        args: list[Any] = [
+    def check(self, call: CheckCall) -> Answer:
+        args = [
             _clock_arg(),
             call.member,
             call.mode,
             call.record_ttl_ms,
             call.event,
             call.denied_label,
-            call.extra,
-            len(call.limits),
+            call.prices,
+            call.tokens,
+            call.cost,
+            *call.limit_args,
         ]
-        for item in call.limits:
-            keys.append(item.key)
-            if item.kind == "t":
-                keys.append(sum_key(item.key))
-            args += [item.kind, item.limit, item.span, item.weight, int(item.shadow), item.label]
-        return _parse_check(self._call(self.evalsha, self.check_script, keys, args))
+        reply = self._call(self.evalsha, self.check_script, call.keys, args)
+        if reply[0] == 2:
+            return reply[1].split(";"), True
+        return reply, False
 
     def stored_request(self, record_key: str) -> StoredRequest | None:
         consumed, extra, decision, settled = self._call(
@@ -316,10 +322,12 @@ class _SortedSet:
         self.items: list[tuple[int, str]] = []
         self.scores: dict[str, int] = {}
 
-    def add(self, score: int, member: str) -> None:
-        self.remove(member)
+    def add(self, score: int, member: str) -> int:
+        """1 when the member is new, 0 when it was there (its score moves), as ZADD says."""
+        present = self.remove(member)
         bisect.insort(self.items, (score, member))
         self.scores[member] = score
+        return 1 - present
 
     def remove(self, member: str) -> int:
         score = self.scores.pop(member, None)
@@ -385,7 +393,7 @@ class LocalBackend:
         return time.time_ns() // 1000 if now is None else now
 
     # -- calls ---------------------------------------------------------------------
-    def check(self, call: CheckCall) -> RawCheck:
+    def check(self, call: CheckCall) -> Answer:
         with self._lock:
             now = self._now()
             self._calls += 1
@@ -393,55 +401,77 @@ class LocalBackend:
                 self._sweep(now)
             return self._check(call, now)
 
-    def _check(self, call: CheckCall, now: int) -> RawCheck:
+    def _trim(
+        self, key: str, cutoff: int, weighted: bool, now: int
+    ) -> tuple[int | None, int, bool]:
+        """check.lua's ``trim``: the oldest score left, the weight that left, whether any did."""
+        entries = self._zset(key, now)
+        if entries is None:
+            return None, 0, False
+        gone = entries.pop_through(cutoff)
+        weight = sum(int(member.split(":", 1)[0]) for _, member in gone) if weighted else 0
+        oldest = entries.items[0][0] if len(entries) else None
+        return oldest, weight, bool(gone)
+
+    def _check(self, call: CheckCall, now: int) -> Answer:
         if call.mode == "check":
             record = self._get(call.record_key, now)
             if record is not None:
-                return _parse_values(record["d"].split(";"), repeated=True)
+                return record["d"].split(";"), True
 
+        peek = call.mode == "peek"
         allowed = True
         denied_index, retry = 0, -1
         shadow_denied: list[int] = []
         states: list[dict[str, Any]] = []
+        keys = iter(call.keys[4:])
         for index, item in enumerate(call.limits, start=1):
-            weight = 0 if call.mode == "peek" else item.weight
+            key = next(keys)
+            weight = 0 if peek else item.weight(call.tokens, call.cost)
             needed = weight
             if item.kind in ("r", "c"):
-                needed = 0 if call.mode == "peek" else 1
-            state: dict[str, Any] = {"item": item, "needed": needed}
-            if item.kind in ("r", "t"):
-                window = int(item.span)
-                entries = self._zset(item.key, now)
-                gone = entries.pop_through(now - window) if entries is not None else []
-                if item.kind == "r":
-                    used = len(entries) if entries is not None else 0
-                else:
-                    total = self._get(sum_key(item.key), now) or 0
-                    if gone:
-                        total -= sum(int(member.split(":", 1)[0]) for _, member in gone)
-                        if total <= 0:
-                            self._data.pop(sum_key(item.key), None)
-                            total = 0
-                        else:
-                            self._data[sum_key(item.key)] = total
-                    used = total
-            elif item.kind == "c":
-                entries = self._zset(item.key, now)
-                if entries is not None:
-                    entries.pop_through(now)
+                needed = 0 if peek else 1
+            state: dict[str, Any] = {"item": item, "key": key, "weight": weight, "oldest": None}
+            if item.kind == "r":
+                oldest, _, left = self._trim(key, now - int(item.span), False, now)
+                entries = self._zset(key, now)
                 used = len(entries) if entries is not None else 0
+                if left and used > 0:
+                    self._expire(key, now, int(item.ttl_ms))
+                state.update(oldest=oldest, fresh=used == 0)
+            elif item.kind == "t":
+                total_key = state["sum_key"] = next(keys)
+                oldest, gone, left = self._trim(key, now - int(item.span), True, now)
+                total = self._get(total_key, now) or 0
+                if gone:
+                    total -= gone
+                    if total <= 0:
+                        self._delete(total_key)
+                        total = 0
+                    else:
+                        self._data[total_key] = total
+                used = total
+                if left and oldest is not None:
+                    self._expire(key, now, int(item.ttl_ms))
+                    self._expire(total_key, now, int(item.ttl_ms))
+                state.update(oldest=oldest, fresh=oldest is None)
+            elif item.kind == "c":
+                oldest, _, _ = self._trim(key, now, False, now)
+                entries = self._zset(key, now)
+                used = len(entries) if entries is not None else 0
+                state["oldest"] = oldest
             else:
                 field, period_end, stale = _period_of(item.span, now)
                 state.update(field=field, period_end=period_end, stale=stale)
-                fields = self._get(item.key, now) or {}
+                fields = self._get(key, now) or {}
                 used = fields.get(field, 0)
             state["used"] = used
 
             # Room for at least one unit, as in check.lua: a spent limit denies a 0 estimate.
             room = max(needed, 1)
-            if used + room > item.limit and call.mode != "peek":
+            if used + room > item.limit and not peek:
                 wait = NEVER
-                entries = self._zset(item.key, now) if item.kind in ("r", "t", "c") else None
+                entries = self._zset(key, now) if item.kind in ("r", "t") else None
                 if item.kind == "r" and entries is not None:
                     position = used - item.limit
                     if 0 <= position < len(entries):
@@ -454,8 +484,8 @@ class LocalBackend:
                             if remaining + room <= item.limit:
                                 wait = score + int(item.span) - now
                                 break
-                elif item.kind == "c" and entries is not None and len(entries):
-                    wait = entries.items[0][0] - now
+                elif item.kind == "c" and state["oldest"] is not None:
+                    wait = state["oldest"] - now
                 elif item.kind in ("k", "m") and room <= item.limit:
                     wait = state["period_end"] - now
                 if item.shadow:
@@ -465,81 +495,81 @@ class LocalBackend:
                     if retry != NEVER and (wait == NEVER or wait > retry):
                         retry = wait
                         denied_index = index
+            state["needed"] = needed
             states.append(state)
 
         consume = allowed and call.mode == "check"
         consumed: list[str] = []
-        used_out: list[int] = []
-        reset_out: list[int] = []
+        values: list[Any] = [1 if allowed else 0, now, denied_index, retry]
         for state in states:
-            item = state["item"]
+            item, key, weight, oldest = (
+                state["item"],
+                state["key"],
+                state["weight"],
+                state["oldest"],
+            )
             used = state["used"]
             if consume:
                 if item.kind == "r":
-                    entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
-                    entries.add(now, call.member)
-                    self._expire(item.key, now, int(item.span) // 1000 + 1)
+                    entries = self._zset(key, now) or self._new(key, _SortedSet())
+                    oldest = self._added(entries, now, call.member, oldest)
+                    if state["fresh"]:
+                        self._expire(key, now, int(item.ttl_ms))
                 elif item.kind == "t":
-                    window = int(item.span)
-                    if item.weight > 0:
-                        entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
-                        entries.add(now, f"{item.weight}:{call.member}")
-                        total = (self._get(sum_key(item.key), now) or 0) + item.weight
-                        self._data[sum_key(item.key)] = total
-                        self._expire(item.key, now, window // 1000 + 1)
-                        self._expire(sum_key(item.key), now, window // 1000 + 1)
-                    fields = ("t", item.key, sum_key(item.key), item.weight, now, window)
+                    total_key = state["sum_key"]
+                    if weight > 0:
+                        entries = self._zset(key, now) or self._new(key, _SortedSet())
+                        oldest = self._added(entries, now, f"{weight}:{call.member}", oldest)
+                        total = (self._get(total_key, now) or 0) + weight
+                        if total_key not in self._data:
+                            self._expires.pop(total_key, None)
+                        self._data[total_key] = total
+                        if total == weight or state["fresh"]:
+                            self._expire(total_key, now, int(item.ttl_ms))
+                        if state["fresh"]:
+                            self._expire(key, now, int(item.ttl_ms))
+                    fields = ("t", key, total_key, weight, now, item.span)
                     consumed.append("\t".join(str(field) for field in fields))
                 elif item.kind == "c":
-                    lease = int(item.span)
-                    entries = self._zset(item.key, now) or self._new(item.key, _SortedSet())
-                    entries.add(now + lease, call.member)
-                    self._expire(item.key, now, lease // 1000 + 1)
-                    consumed.append(f"c\t{item.key}")
+                    entries = self._zset(key, now) or self._new(key, _SortedSet())
+                    expires = now + int(item.span)
+                    oldest = self._added(entries, expires, call.member, oldest)
+                    self._expire(key, now, int(item.ttl_ms))
+                    consumed.append(f"c\t{key}")
                 else:
-                    fields = self._get(item.key, now)
+                    fields = self._get(key, now)
                     if fields is None:
-                        fields = self._new(item.key, {})
-                    fields[state["field"]] = fields.get(state["field"], 0) + item.weight
+                        fields = self._new(key, {})
+                    fields[state["field"]] = fields.get(state["field"], 0) + weight
                     fields.pop(state["stale"], None)
                     keep = DAY_US if item.span == "d" else 31 * DAY_US
-                    self._expire(item.key, now, (state["period_end"] + keep - now) // 1000)
-                    consumed.append(f"{item.kind}\t{item.key}\t{state['field']}\t{item.weight}")
+                    self._expire(key, now, (state["period_end"] + keep - now) // 1000)
+                    consumed.append(f"{item.kind}\t{key}\t{state['field']}\t{weight}")
                 used += state["needed"]
             elif call.mode == "dry" and allowed:
                 used += state["needed"]
             reset = 0
             if item.kind in ("r", "t"):
-                entries = self._zset(item.key, now)
-                if entries is not None and len(entries):
-                    reset = entries.items[0][0] + int(item.span) - now
+                if oldest is not None:
+                    reset = oldest + int(item.span) - now
                 elif used > 0:
                     reset = int(item.span)
             elif item.kind == "c":
-                entries = self._zset(item.key, now)
-                if entries is not None and len(entries):
-                    reset = entries.items[0][0] - now
+                if oldest is not None:
+                    reset = oldest - now
             else:
                 reset = state["period_end"] - now
-            used_out.append(used)
-            reset_out.append(reset)
+            values += [used, reset]
+        mask = "".join(f"{index}," for index in shadow_denied)
+        values.append(mask)
 
-        result = RawCheck(
-            status=1 if allowed else 0,
-            now=now,
-            denied_index=denied_index,
-            retry=retry,
-            used=tuple(used_out),
-            reset=tuple(reset_out),
-            shadow_denied=tuple(shadow_denied),
-        )
         if call.mode == "check":
-            values = [result.status, now, denied_index, retry]
-            for used, reset in zip(used_out, reset_out, strict=True):
-                values += [used, reset]
-            mask = "".join(f"{index}," for index in shadow_denied)
-            stored = ";".join(str(v) for v in values) + ";" + mask
-            self._data[call.record_key] = {"d": stored, "c": "\n".join(consumed), "x": call.extra}
+            stored = ";".join(str(value) for value in values)
+            self._data[call.record_key] = {
+                "d": stored,
+                "c": "\n".join(consumed),
+                "x": call.prices + call.event,
+            }
             self._expires[call.record_key] = now + call.record_ttl_ms * 1000
             if shadow_denied:
                 counts = self._get(call.shadow_key, now) or self._new(call.shadow_key, {})
@@ -554,7 +584,18 @@ class LocalBackend:
                 label = f"{now // 3_600_000_000}|{call.denied_label}"
                 counts[label] = counts.get(label, 0) + 1
                 self._expire(call.denied_key, now, 2 * DAY_US // 1000)
-        return result
+        return values, False
+
+    @staticmethod
+    def _added(entries: _SortedSet, score: int, member: str, oldest: int | None) -> int:
+        """ZADD, and the oldest score after it, as check.lua works it out."""
+        if not entries.add(score, member):
+            return entries.items[0][0]
+        return score if oldest is None or score < oldest else oldest
+
+    def _delete(self, key: str) -> None:
+        self._data.pop(key, None)
+        self._expires.pop(key, None)
 
     def _new(self, key: str, value: Any) -> Any:
         self._data[key] = value
@@ -594,15 +635,17 @@ class LocalBackend:
                     if call.tokens > 0:
                         entries = entries or self._new(key, _SortedSet())
                         entries.add(at, f"{call.tokens}:{call.member}")
-                        self._expire(key, now, window // 1000 + 1)
+                    self._expire(key, now, 2 * window // 1000)
                     delta = call.tokens - weight
                     if delta:
                         total = (self._get(fields[2], now) or 0) + delta
                         if total <= 0:
-                            self._data.pop(fields[2], None)
+                            self._delete(fields[2])
                         else:
+                            if fields[2] not in self._data:
+                                self._expires.pop(fields[2], None)
                             self._data[fields[2]] = total
-                            self._expire(fields[2], now, window // 1000 + 1)
+                            self._expire(fields[2], now, 2 * window // 1000)
                 elif kind == "c":
                     entries = self._zset(key, now)
                     if entries is not None:

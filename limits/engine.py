@@ -35,23 +35,23 @@ import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from decimal import Decimal
+from json.encoder import encode_basestring_ascii as _json_text  # type: ignore[attr-defined]
 from typing import Any
 
 from django.conf import settings
 
 from limits import metrics
 from limits.backends import (
-    NEVER,
+    Answer,
     BackendUnavailable,
     CheckCall,
     CommitCall,
-    LimitCall,
+    LimitSpec,
     LocalBackend,
-    RawCheck,
     RedisBackend,
+    limit_args,
     sum_key,
 )
 from limits.policystore import Policy, PolicyStore
@@ -87,17 +87,83 @@ class LimitState:
     model_class: str | None = None
 
 
+_Resolved = tuple["LimitState | None", tuple["LimitState", ...], tuple["LimitState", ...]]
+
+
+class LimitStates:
+    """Where a decision's limits stand: worked out from the backend's answer when first read.
+
+    A LimitState per limit costs more than the rest of reading an answer; a caller that only
+    wants ``allowed`` (the middleware letting a request through, a service gating its own
+    call) does not pay for them. Thread-safe: two threads reading at once both work out the
+    same states.
+    """
+
+    __slots__ = ("_limits", "_resolved", "_values")
+
+    def __init__(self, limits: tuple[PlannedLimit, ...], values: list[Any]) -> None:
+        self._limits = limits
+        self._values = values  # laid out as check.lua answers (see backends.Answer)
+        self._resolved: _Resolved | None = None
+
+    @classmethod
+    def given(
+        cls,
+        denied_by: LimitState | None = None,
+        limits: tuple[LimitState, ...] = (),
+        shadow_denied: tuple[LimitState, ...] = (),
+    ) -> LimitStates:
+        states = cls((), [])
+        states._resolved = (denied_by, limits, shadow_denied)
+        return states
+
+    def resolved(self) -> _Resolved:
+        """(denied_by, limits, shadow_denied)."""
+        found = self._resolved
+        if found is None:
+            found = self._resolved = _states(self._limits, self._values)
+        return found
+
+    @property
+    def any_shadow_denied(self) -> bool:
+        if self._resolved is None:
+            return bool(self._values[-1])  # the answer's mask of shadow rules that denied
+        return bool(self._resolved[2])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LimitStates) and self.resolved() == other.resolved()
+
+    def __hash__(self) -> int:
+        return hash(self.resolved())
+
+    def __repr__(self) -> str:
+        denied_by, limits, shadow_denied = self.resolved()
+        return f"LimitStates({denied_by=}, {limits=}, {shadow_denied=})"
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
     request_id: str
     policy_version: int
-    denied_by: LimitState | None
     retry_after: float | None  # seconds; None when allowed, or when it can never pass
-    limits: tuple[LimitState, ...]
     degraded: bool = False  # answered by a fail mode, not by the shared counters
     repeated: bool = False  # the first decision for this request id, returned again
-    shadow_denied: tuple[LimitState, ...] = ()
+    states: LimitStates = LimitStates.given()
+
+    @property
+    def limits(self) -> tuple[LimitState, ...]:
+        """Every enforced limit (shadow rules left out), in the plan's order."""
+        return self.states.resolved()[1]
+
+    @property
+    def denied_by(self) -> LimitState | None:
+        return self.states.resolved()[0]
+
+    @property
+    def shadow_denied(self) -> tuple[LimitState, ...]:
+        """The shadow rules that would have denied (they never do)."""
+        return self.states.resolved()[2]
 
 
 @dataclass(frozen=True)
@@ -136,6 +202,20 @@ class Plan:
     input_price: int
     output_price: int
     record_ttl_ms: int
+    # Worked out once per plan, so that a check only adds its user, request and estimate.
+    specs: tuple[LimitSpec, ...]
+    limit_args: tuple[str, ...]
+    key_parts: tuple[tuple[str, str, bool, bool], ...]  # head, tail, per user, has a sum
+    record_prefix: str
+    stream_key: str
+    denied_key: str
+    shadow_key: str
+    prices: str
+    event_tenant: str  # the usage event's JSON around its request id, key, user and tokens
+    event_model: str
+    event_version: str
+    decided: tuple[Any, Any]  # the decisions counter of this tier and class: denied, allowed
+    shadow_counted: Any
 
 
 def _id_part(value: str) -> str:
@@ -243,11 +323,13 @@ def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
     input_price = _micro(model["input_price_per_1k"])
     output_price = _micro(model["output_price_per_1k"])
     record_seconds = max(longest, settings.QUOTA_REQUEST_RECORD_MIN_SECONDS)
+    specs = tuple(_spec(item) for item in limits)
+    tier = tenant["tier"]
     plan = Plan(
         tenant_id=tenant_id,
         model_id=model_id,
         model_class=model_class,
-        tier=tenant["tier"],
+        tier=tier,
         fail_mode=tenant["fail_mode"] if tenant["active"] else "closed",
         version=policy.version,
         tag=tag,
@@ -256,9 +338,39 @@ def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
         input_price=input_price,
         output_price=output_price,
         record_ttl_ms=record_seconds * 1000,
+        specs=specs,
+        limit_args=limit_args(specs),
+        key_parts=tuple(
+            (item.key_head, item.key_tail, item.per_user, item.kind == "t") for item in limits
+        ),
+        record_prefix=f"{tag}:req:",
+        stream_key=f"{tag}:events",
+        denied_key=f"{tag}:denied",
+        shadow_key=f"{tag}:shadow",
+        prices=f"{input_price}\t{output_price}\t",
+        # Exactly what json.dumps(…, separators=(",", ":")) writes, key order included:
+        # billing reads entries laid out this way with one pattern.
+        event_tenant=f',"tenant":{int(tenant_id)},"key":',
+        event_model=f',"model":{_json_text(model_id)},"tokens":',
+        event_version=f',"version":{int(policy.version)}}}',
+        decided=(
+            metrics.DECISIONS.labels(tier, model_class, "denied"),
+            metrics.DECISIONS.labels(tier, model_class, "allowed"),
+        ),
+        shadow_counted=metrics.SHADOW_DENIED.labels(tier, model_class),
     )
     policy.plans[(tenant_id, model_id)] = plan
     return plan
+
+
+def _spec(item: PlannedLimit) -> LimitSpec:
+    if item.kind in ("r", "t"):
+        ttl = str(2 * int(item.span) // 1000)  # twice the window: see check.lua, "Expiry"
+    elif item.kind == "c":
+        ttl = str(int(item.span) // 1000 + 1)  # past the lease that expires last
+    else:
+        ttl = ""  # budgets: worked out from the period in the script
+    return LimitSpec(item.kind, item.limit, item.span, ttl, item.shadow, item.label)
 
 
 # -- process state ---------------------------------------------------------------------
@@ -332,7 +444,8 @@ def check(
     tier's mode, known to the caller from the API key); without it such a check is denied.
     """
     started = time.perf_counter()
-    request_id = request_id or uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex at a fifth of its cost.
+    request_id = request_id or os.urandom(16).hex()
     policy = policy_store().current()
     tenant = policy.tenants.get(str(tenant_id))
     if tenant is None:
@@ -345,14 +458,14 @@ def check(
     plan = _plan(policy, tenant_id, model)
     if plan is None:
         raise UnknownModel(model)
-    call = _check_call(plan, user_id, tokens, request_id, "dry" if dry_run else "check", api_key_id)
+    call = _check_call(
+        plan, user_id, int(tokens), request_id, "dry" if dry_run else "check", api_key_id
+    )
     decision = _decide(plan, call)
     metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
-    metrics.DECISIONS.labels(
-        plan.tier, plan.model_class, "allowed" if decision.allowed else "denied"
-    ).inc()
-    if decision.shadow_denied and not decision.repeated:
-        metrics.SHADOW_DENIED.labels(plan.tier, plan.model_class).inc()
+    plan.decided[decision.allowed].inc()
+    if not decision.repeated and decision.states.any_shadow_denied:
+        plan.shadow_counted.inc()
     return decision
 
 
@@ -372,51 +485,38 @@ def _check_call(
     plan: Plan, user_id: str, tokens: int, request_id: str, mode: str, api_key_id: int | None
 ) -> CheckCall:
     user_part = _id_part(user_id)
-    cost = tokens * plan.estimate_price
-    calls = []
-    for item in plan.limits:
-        kind = item.kind
-        weight = tokens if kind in ("t", "k") else cost if kind == "m" else 1
-        key = item.key_head + user_part + item.key_tail if item.per_user else item.key_head
-        calls.append(LimitCall(kind, item.limit, item.span, weight, item.shadow, item.label, key))
+    keys = [plan.record_prefix + request_id, plan.stream_key, plan.denied_key, plan.shadow_key]
+    for head, tail, per_user, has_sum in plan.key_parts:
+        key = head + user_part + tail if per_user else head
+        keys.append(key)
+        if has_sum:
+            keys.append(sum_key(key))
     event = ""
-    extra = ""
     if mode == "check":
-        event = json.dumps(
-            {
-                "request_id": request_id,
-                "tenant": plan.tenant_id,
-                "key": api_key_id,
-                "user": user_id,
-                "model": plan.model_id,
-                "tokens": tokens,
-                "version": plan.version,
-            },
-            separators=(",", ":"),
-        )
-        extra = json.dumps(
-            {
-                "user": user_id,
-                "model": plan.model_id,
-                "key": api_key_id,
-                "input_price": plan.input_price,
-                "output_price": plan.output_price,
-            },
-            separators=(",", ":"),
+        event = (
+            '{"request_id":'
+            + _json_text(request_id)
+            + plan.event_tenant
+            + ("null" if api_key_id is None else str(int(api_key_id)))
+            + ',"user":'
+            + _json_text(user_id)
+            + plan.event_model
+            + str(tokens)
+            + plan.event_version
         )
     return CheckCall(
-        record_key=f"{plan.tag}:req:{request_id}",
-        stream_key=f"{plan.tag}:events",
-        denied_key=f"{plan.tag}:denied",
-        shadow_key=f"{plan.tag}:shadow",
-        request_id=request_id,
-        member=_member(plan.tenant_id, request_id),
-        mode=mode,
-        record_ttl_ms=plan.record_ttl_ms,
-        event=event,
-        denied_label=plan.model_id,
-        extra=extra,
-        limits=tuple(calls),
+        keys,
+        request_id,
+        _member(plan.tenant_id, request_id),
+        mode,
+        plan.record_ttl_ms,
+        event,
+        plan.model_id,
+        plan.prices,
+        tokens,
+        tokens * plan.estimate_price,
+        plan.specs,
+        plan.limit_args,
     )
 
 
@@ -429,10 +529,10 @@ def _member(tenant_id: int, request_id: str) -> str:
 def _decide(plan: Plan, call: CheckCall) -> Decision:
     chosen = backend()
     try:
-        raw = chosen.check(call)
+        answer = chosen.check(call)
     except BackendUnavailable:
         return _fail(plan, call)
-    return _decision(plan, call, raw, degraded=False)
+    return _decision(plan, call, answer, degraded=False)
 
 
 def _fail(plan: Plan, call: CheckCall) -> Decision:
@@ -444,9 +544,7 @@ def _fail(plan: Plan, call: CheckCall) -> Decision:
         allowed=mode == "open",
         request_id=call.request_id,
         policy_version=plan.version,
-        denied_by=None,
         retry_after=None if mode == "open" else float(settings.QUOTA_BREAKER_SECONDS),
-        limits=(),
         degraded=True,
     )
 
@@ -458,9 +556,7 @@ def _without_policy(request_id: str, version: int, mode: str) -> Decision:
         allowed=allowed,
         request_id=request_id,
         policy_version=version,
-        denied_by=None,
         retry_after=None if allowed else float(settings.QUOTA_POLICY_REFRESH_SECONDS),
-        limits=(),
         degraded=True,
     )
 
@@ -488,36 +584,46 @@ def _state_of(item: PlannedLimit, used: int, reset_us: int) -> LimitState:
     )
 
 
-def _decision(plan: Plan, call: CheckCall, raw: RawCheck, *, degraded: bool) -> Decision:
+def _states(limits: tuple[PlannedLimit, ...], values: list[Any]) -> _Resolved:
+    """(denied_by, limits, shadow_denied) from an answer laid out as check.lua's."""
+    denied_index = int(values[2])
+    mask = str(values[-1])
+    shadow_indexes = {int(i) for i in mask.split(",") if i} if mask else set()
     states: list[LimitState] = []
     shadow: list[LimitState] = []
     denied_by = None
-    shadow_indexes = set(raw.shadow_denied)
-    for index, (item, used, reset) in enumerate(
-        zip(plan.limits, raw.used, raw.reset, strict=False), start=1
-    ):
-        state = _state_of(item, used, reset)
+    # A repeated request id answers what its first check answered, which may have met
+    # another plan (another model, an older policy): only the limits both share are shown.
+    answered = (len(values) - 5) // 2
+    for index, item in enumerate(limits[:answered], start=1):
+        position = 2 + 2 * index
+        state = _state_of(item, int(values[position]), int(values[position + 1]))
         if item.shadow:
             if index in shadow_indexes:
                 shadow.append(state)
             continue
         states.append(state)
-        if index == raw.denied_index:
+        if index == denied_index:
             denied_by = state
-    allowed = raw.status == 1
+    return denied_by, tuple(states), tuple(shadow)
+
+
+def _decision(plan: Plan, call: CheckCall, answer: Answer, *, degraded: bool) -> Decision:
+    values, repeated = answer
+    allowed = int(values[0]) == 1
     retry_after = None
-    if not allowed and raw.retry != NEVER and raw.retry >= 0:
-        retry_after = raw.retry / 1_000_000
+    if not allowed:
+        retry = int(values[3])
+        if retry >= 0:  # else none, or never (NEVER): the check alone exceeds a limit
+            retry_after = retry / 1_000_000
     return Decision(
-        allowed=allowed,
-        request_id=call.request_id,
-        policy_version=plan.version,
-        denied_by=denied_by,
-        retry_after=retry_after,
-        limits=tuple(states),
-        degraded=degraded,
-        repeated=raw.repeated,
-        shadow_denied=tuple(shadow),
+        allowed,
+        call.request_id,
+        plan.version,
+        retry_after,
+        degraded,
+        repeated,
+        LimitStates(plan.limits, values),
     )
 
 
@@ -549,10 +655,8 @@ def commit(
             continue
         if stored.settled is not None:
             return _settlement(request_id, stored.settled, repeated=True)
-        extra = json.loads(stored.extra or "{}")
-        cost = input_tokens * extra.get("input_price", 0) + output_tokens * extra.get(
-            "output_price", 0
-        )
+        input_price, output_price, extra = _remembered(stored.extra)
+        cost = input_tokens * input_price + output_tokens * output_price
         summary = f"{input_tokens};{output_tokens};{status}"
         event = json.dumps(
             {
@@ -588,6 +692,20 @@ def commit(
     if unavailable:
         raise EngineUnavailable("the limiter's store is unreachable; report the usage again")
     return None
+
+
+def _remembered(extra: str) -> tuple[int, int, dict[str, Any]]:
+    """The prices (µ-units per 1K input and output tokens) and the usage event (user, model,
+    key) that a check remembered for its commit: "<input>\t<output>\t<event JSON>"."""
+    if extra.startswith("{"):
+        # Remembered as one JSON document by the engine before this layout; such records
+        # live for at most their longest window.
+        data = json.loads(extra)
+        return data.get("input_price", 0), data.get("output_price", 0), data
+    if not extra:
+        return 0, 0, {}
+    input_price, output_price, event = extra.split("\t", 2)
+    return int(input_price), int(output_price), json.loads(event)
 
 
 def _settlement(request_id: str, summary: str, *, repeated: bool) -> Settlement:

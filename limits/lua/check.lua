@@ -18,46 +18,60 @@ ARGV[3]  mode: "check", "dry" (decide, consume nothing, remember nothing) or "pe
 ARGV[4]  record TTL in milliseconds
 ARGV[5]  usage event payload (JSON, written as is on an allowed check)
 ARGV[6]  denied counter label
-ARGV[7]  what the commit needs to know, remembered with the decision
-ARGV[8]  number of limits N
-ARGV[9…] per limit 6 values: kind ("r" requests, "t" tokens, "c" concurrency, "k" token
+ARGV[7]  the prices the commit needs ("<input>\t<output>\t"), remembered with the event
+ARGV[8]  estimated tokens: what a token window or token budget adds
+ARGV[9]  estimated cost in nano-units: what a money budget adds
+ARGV[10] number of limits N
+ARGV[11…] per limit 6 values: kind ("r" requests, "t" tokens, "c" concurrency, "k" token
          budget, "m" money budget), limit, span (window in µs; lease in µs for "c"; "d" or
-         "m" period for budgets),
-         weight (what this check adds), shadow ("1" never denies), label
+         "m" period for budgets), key TTL in ms (windows twice the window, leases the lease
+         + 1 ms, "" for budgets), shadow ("1" never denies), label
 
 Returns {status, now, denied index, retry µs (-1 none, -2 never), used_1, reset_1, …, shadow
 denied mask "i,j,"} where status is 1 allowed, 0 denied; or {2, stored} for a repeated request
-id, stored being the first answer as those values joined by ";". Numbers travel as decimal
-strings inside the record because Lua's own number formatting would round microseconds.
+id, stored being the first answer as those values joined by ";".
+
+Cost notes (this runs once per check, so its Redis calls and its number formatting are the
+check's cost): each limit reads its two oldest entries once, which also gives its reset and
+tells whether anything has left the window, so nothing is removed or re-read when nothing
+has; a key's expiry is set only when its oldest entry changes (see "Expiry" below); numbers
+are formatted only where Lua's own formatting would round them (text below).
 ]]
 
 local record_key, stream_key, denied_key, shadow_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member, mode = ARGV[2], ARGV[3]
+local call = redis.call
 
 if mode == "check" then
-  local stored = redis.call("HGET", record_key, "d")
+  local stored = call("HGET", record_key, "d")
   if stored then
     return {2, stored}
   end
 end
 
-local now
+local now_text
 if ARGV[1] ~= "" then
-  now = tonumber(ARGV[1])
+  now_text = ARGV[1]
 else
-  local t = redis.call("TIME")
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local t = call("TIME")
+  -- Seconds and zero-padded microseconds joined as text: no number formatting needed.
+  now_text = t[1] .. string.sub("00000" .. t[2], -6)
 end
+local now = tonumber(now_text)
 
 local floor = math.floor
 local DAY = 86400000000
+local tokens, cost = tonumber(ARGV[8]), tonumber(ARGV[9])
+local peek = mode == "peek"
 
-local function encode(values, separator)
-  local parts = {}
-  for i, value in ipairs(values) do
-    parts[i] = type(value) == "number" and string.format("%.0f", value) or value
+-- A whole number as exact text. Lua writes numbers with 14 significant digits, which is
+-- exact below 10^14 and much cheaper than string.format; larger ones (money in nano-units)
+-- go through "%.0f".
+local function text(value)
+  if value < 1e14 and value > -1e14 then
+    return value
   end
-  return table.concat(parts, separator)
+  return string.format("%.0f", value)
 end
 
 local function civil_from_days(days)
@@ -94,7 +108,51 @@ local function period_of(code)
   return "m:" .. index, days_from_civil(next_year, next_month) * DAY, "m:" .. (index - 2)
 end
 
-local count = tonumber(ARGV[8])
+local function weight_of(entry)
+  return tonumber(string.match(entry, "^(%d+):"))
+end
+
+--[[
+Removes the entries of a sorted set scored at or below cutoff. Returns the score of the
+oldest entry left (nil when none), the weight that left (token logs: the sum of the
+"<weight>:" prefixes), and whether anything left.
+
+One read covers the usual cases: nothing has left, or only the oldest entry has (a steady
+flow moves a window by about one entry a check). Only when more have left are they read
+(token logs need their weights) and removed by score, and the oldest left read again.
+]]
+local function trim(key, cutoff, weighted)
+  local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
+  local first = tonumber(head[2])
+  if first == nil or first > cutoff then
+    return first, 0, false
+  end
+  local second = tonumber(head[4])
+  if second == nil or second > cutoff then
+    call("ZREM", key, head[1])
+    return second, weighted and weight_of(head[1]) or 0, true
+  end
+  local gone = 0
+  if weighted then
+    for _, entry in ipairs(call("ZRANGEBYSCORE", key, "-inf", cutoff)) do
+      gone = gone + weight_of(entry)
+    end
+  end
+  call("ZREMRANGEBYSCORE", key, "-inf", cutoff)
+  local rest = call("ZRANGE", key, "0", "0", "WITHSCORES")
+  return tonumber(rest[2]), gone, true
+end
+
+--[[
+Expiry. A window key lives twice its window past the last time its expiry was set, and that is set only when the oldest entry may have changed: when
+entries left (in any mode: what is left must outlive itself) or when the first entry goes
+into an empty key. Between those times the oldest entry o stays, and the expiry, set at or
+after o was added, is at least o + 2 x window; every entry added meanwhile arrives while o is
+still in the window (now < o + window), so it leaves the window (at now + window) before the
+key expires. commit.lua keeps the same rule when it removes an entry.
+]]
+
+local count = tonumber(ARGV[10])
 local limits = {}
 local key_index = 5
 local allowed = true
@@ -102,78 +160,89 @@ local denied_index, retry = 0, -1
 local shadow_mask = ""
 
 for i = 1, count do
-  local base = 8 + (i - 1) * 6
+  local base = 10 + (i - 1) * 6
+  local kind = ARGV[base + 1]
   local item = {
-    kind = ARGV[base + 1],
+    kind = kind,
     limit = tonumber(ARGV[base + 2]),
     span = ARGV[base + 3],
-    weight = tonumber(ARGV[base + 4]),
+    ttl = ARGV[base + 4],
     shadow = ARGV[base + 5] == "1",
     label = ARGV[base + 6],
     key = KEYS[key_index],
   }
   key_index = key_index + 1
-  local kind = item.kind
-  if mode == "peek" then item.weight = 0 end
-  local needed = item.weight
-  if kind == "r" or kind == "c" then needed = mode == "peek" and 0 or 1 end
+  local weight = 1
+  if kind == "t" or kind == "k" then
+    weight = tokens
+  elseif kind == "m" then
+    weight = cost
+  end
+  if peek then weight = 0 end
+  item.weight = weight
+  local needed = weight
 
   if kind == "r" then
     local window = tonumber(item.span)
-    redis.call("ZREMRANGEBYSCORE", item.key, "-inf", now - window)
-    item.used = redis.call("ZCARD", item.key)
+    item.window = window
+    local oldest, _, left = trim(item.key, now - window, false)
+    item.oldest = oldest
+    item.used = item.oldest and call("ZCARD", item.key) or 0
+    if left and item.used > 0 then call("PEXPIRE", item.key, item.ttl) end
+    item.fresh = item.used == 0
   elseif kind == "t" then
     local window = tonumber(item.span)
+    item.window = window
     item.sum_key = KEYS[key_index]
     key_index = key_index + 1
-    local expired = redis.call("ZRANGEBYSCORE", item.key, "-inf", now - window)
-    if #expired > 0 then
-      local gone = 0
-      for _, member in ipairs(expired) do
-        gone = gone + tonumber(string.match(member, "^(%d+):"))
-      end
-      redis.call("ZREMRANGEBYSCORE", item.key, "-inf", now - window)
-      item.used = redis.call("DECRBY", item.sum_key, gone)
+    local gone, left
+    item.oldest, gone, left = trim(item.key, now - window, true)
+    if gone > 0 then
+      item.used = call("DECRBY", item.sum_key, gone)
       if item.used <= 0 then
-        redis.call("DEL", item.sum_key)
+        call("DEL", item.sum_key)
         item.used = 0
       end
     else
-      item.used = tonumber(redis.call("GET", item.sum_key) or "0")
+      item.used = tonumber(call("GET", item.sum_key) or "0")
     end
+    if left and item.oldest then
+      call("PEXPIRE", item.key, item.ttl)
+      call("PEXPIRE", item.sum_key, item.ttl)
+    end
+    item.fresh = item.oldest == nil
   elseif kind == "c" then
-    redis.call("ZREMRANGEBYSCORE", item.key, "-inf", now)
-    item.used = redis.call("ZCARD", item.key)
+    item.oldest = trim(item.key, now, false)
+    item.used = item.oldest and call("ZCARD", item.key) or 0
   else
     item.field, item.period_end, item.stale_field = period_of(item.span)
-    item.used = tonumber(redis.call("HGET", item.key, item.field) or "0")
+    item.used = tonumber(call("HGET", item.key, item.field) or "0")
   end
+  if kind == "r" or kind == "c" then needed = peek and 0 or 1 end
 
   -- A check needs room for at least one unit even when it estimates no tokens: a spent
   -- token limit or budget denies every check, not only those that announce tokens.
   local room = math.max(needed, 1)
-  item.fits = item.used + room <= item.limit
-  if not item.fits and mode ~= "peek" then
+  if item.used + room > item.limit and not peek then
     local wait = -2
     if kind == "r" then
-      local entry = redis.call("ZRANGE", item.key, item.used - item.limit, item.used - item.limit,
+      local entry = call("ZRANGE", item.key, item.used - item.limit, item.used - item.limit,
         "WITHSCORES")
-      if entry[2] then wait = tonumber(entry[2]) + tonumber(item.span) - now end
+      if entry[2] then wait = tonumber(entry[2]) + item.window - now end
     elseif kind == "t" then
       if room <= item.limit then
-        local entries = redis.call("ZRANGE", item.key, 0, -1, "WITHSCORES")
+        local entries = call("ZRANGE", item.key, 0, -1, "WITHSCORES")
         local remaining_sum = item.used
         for j = 1, #entries, 2 do
-          remaining_sum = remaining_sum - tonumber(string.match(entries[j], "^(%d+):"))
+          remaining_sum = remaining_sum - weight_of(entries[j])
           if remaining_sum + room <= item.limit then
-            wait = tonumber(entries[j + 1]) + tonumber(item.span) - now
+            wait = tonumber(entries[j + 1]) + item.window - now
             break
           end
         end
       end
     elseif kind == "c" then
-      local entry = redis.call("ZRANGE", item.key, 0, 0, "WITHSCORES")
-      if entry[2] then wait = tonumber(entry[2]) - now end
+      if item.oldest then wait = item.oldest - now end
     else
       if room <= item.limit then wait = item.period_end - now end
     end
@@ -194,55 +263,71 @@ end
 
 local consume = allowed and mode == "check"
 local consumed = {}
-local result = {allowed and 1 or 0, now, denied_index, retry}
+local result = {allowed and 1 or 0, now_text, denied_index, retry}
 
 for i = 1, count do
   local item = limits[i]
   local kind = item.kind
   local used = item.used
+  local oldest = item.oldest
   local reset = 0
   if consume then
     if kind == "r" then
-      local window = tonumber(item.span)
-      redis.call("ZADD", item.key, now, member)
-      redis.call("PEXPIRE", item.key, floor(window / 1000) + 1)
-    elseif kind == "t" then
-      local window = tonumber(item.span)
-      if item.weight > 0 then
-        redis.call("ZADD", item.key, now, string.format("%d", item.weight) .. ":" .. member)
-        redis.call("INCRBY", item.sum_key, item.weight)
-        redis.call("PEXPIRE", item.key, floor(window / 1000) + 1)
-        redis.call("PEXPIRE", item.sum_key, floor(window / 1000) + 1)
+      if call("ZADD", item.key, now_text, member) == 0 then
+        -- The member was there already (a request id seen before its record): its score
+        -- moved, so read the oldest again.
+        oldest = tonumber(call("ZRANGE", item.key, "0", "0", "WITHSCORES")[2])
+      elseif oldest == nil or now < oldest then
+        oldest = now
       end
-      consumed[#consumed + 1] = encode({"t", item.key, item.sum_key, item.weight, now, window}, "\t")
+      if item.fresh then call("PEXPIRE", item.key, item.ttl) end
+    elseif kind == "t" then
+      if item.weight > 0 then
+        if call("ZADD", item.key, now_text, ARGV[8] .. ":" .. member) == 0 then
+          oldest = tonumber(call("ZRANGE", item.key, "0", "0", "WITHSCORES")[2])
+        elseif oldest == nil or now < oldest then
+          oldest = now
+        end
+        -- A sum that did not exist (or was spent) has no expiry yet.
+        if call("INCRBY", item.sum_key, ARGV[8]) == item.weight or item.fresh then
+          call("PEXPIRE", item.sum_key, item.ttl)
+        end
+        if item.fresh then call("PEXPIRE", item.key, item.ttl) end
+      end
+      consumed[#consumed + 1] = table.concat(
+        {"t", item.key, item.sum_key, ARGV[8], now_text, item.span}, "\t")
     elseif kind == "c" then
-      local lease = tonumber(item.span)
-      redis.call("ZADD", item.key, now + lease, member)
-      redis.call("PEXPIRE", item.key, floor(lease / 1000) + 1)
-      consumed[#consumed + 1] = encode({"c", item.key}, "\t")
+      local expires = now + tonumber(item.span)
+      if call("ZADD", item.key, expires, member) == 0 then
+        oldest = tonumber(call("ZRANGE", item.key, "0", "0", "WITHSCORES")[2])
+      elseif oldest == nil or expires < oldest then
+        oldest = expires
+      end
+      -- Every lease added pushes the expiry past the lease that expires last.
+      call("PEXPIRE", item.key, item.ttl)
+      consumed[#consumed + 1] = "c\t" .. item.key
     else
-      redis.call("HINCRBY", item.key, item.field, item.weight)
-      redis.call("HDEL", item.key, item.stale_field)
+      call("HINCRBY", item.key, item.field, kind == "k" and ARGV[8] or ARGV[9])
+      call("HDEL", item.key, item.stale_field)
       -- Kept one period past its end so late usage reports still correct it; relative to
       -- this script's clock, which tests may move.
       local keep = item.span == "d" and DAY or 31 * DAY
-      redis.call("PEXPIRE", item.key, floor((item.period_end + keep - now) / 1000))
-      consumed[#consumed + 1] = encode({kind, item.key, item.field, item.weight}, "\t")
+      call("PEXPIRE", item.key, floor((item.period_end + keep - now) / 1000))
+      consumed[#consumed + 1] = table.concat(
+        {kind, item.key, item.field, kind == "k" and ARGV[8] or ARGV[9]}, "\t")
     end
     used = used + item.needed
   elseif mode == "dry" and allowed then
     used = used + item.needed
   end
   if kind == "r" or kind == "t" then
-    local oldest = redis.call("ZRANGE", item.key, 0, 0, "WITHSCORES")
-    if oldest[2] then
-      reset = tonumber(oldest[2]) + tonumber(item.span) - now
+    if oldest then
+      reset = oldest + item.window - now
     elseif used > 0 then
-      reset = tonumber(item.span)
+      reset = item.window
     end
   elseif kind == "c" then
-    local soonest = redis.call("ZRANGE", item.key, 0, 0, "WITHSCORES")
-    if soonest[2] then reset = tonumber(soonest[2]) - now end
+    if oldest then reset = oldest - now end
   else
     reset = item.period_end - now
   end
@@ -253,20 +338,24 @@ result[#result + 1] = shadow_mask
 
 if mode == "check" then
   local ttl = tonumber(ARGV[4])
-  redis.call("HSET", record_key, "d", encode(result, ";"), "c", table.concat(consumed, "\n"),
-    "x", ARGV[7])
-  redis.call("PEXPIRE", record_key, ttl)
+  local stored = {}
+  for i, value in ipairs(result) do
+    stored[i] = type(value) == "number" and text(value) or value
+  end
+  call("HSET", record_key, "d", table.concat(stored, ";"), "c", table.concat(consumed, "\n"),
+    "x", ARGV[7] .. ARGV[5])
+  call("PEXPIRE", record_key, ARGV[4])
   if shadow_mask ~= "" then
     for index in string.gmatch(shadow_mask, "(%d+),") do
-      redis.call("HINCRBY", shadow_key, limits[tonumber(index)].label, 1)
+      call("HINCRBY", shadow_key, limits[tonumber(index)].label, 1)
     end
-    redis.call("PEXPIRE", shadow_key, 7 * DAY / 1000)
+    call("PEXPIRE", shadow_key, 7 * DAY / 1000)
   end
   if allowed then
-    redis.call("XADD", stream_key, "*", "k", "check", "e", ARGV[5], "t", encode({now}, ""))
+    call("XADD", stream_key, "*", "k", "check", "e", ARGV[5], "t", now_text)
   else
-    redis.call("HINCRBY", denied_key, encode({floor(now / 3600000000)}, "") .. "|" .. ARGV[6], 1)
-    redis.call("PEXPIRE", denied_key, 2 * DAY / 1000)
+    call("HINCRBY", denied_key, floor(now / 3600000000) .. "|" .. ARGV[6], 1)
+    call("PEXPIRE", denied_key, 2 * DAY / 1000)
   end
 end
 

@@ -14,9 +14,10 @@ ARGV[5]  settlement summary to remember ("<input>;<output>;<status>")
 ARGV[6]  usage event payload (JSON)
 
 Each consumed entry is replaced by the actual: a token window entry still inside its window
-gets the actual weight (one that already slid out changes nothing), a budget period gets
-actual − estimate, a concurrency slot is freed. Nothing is ever credited below zero, so a
-report can return at most what this request reserved.
+gets the actual weight and twice its window to live (see check.lua, "Expiry"; one that
+already slid out changes nothing), a budget period gets actual − estimate, a concurrency
+slot is freed. Nothing is ever credited below zero, so a report can return at most what this
+request reserved.
 
 Returns {-1} for an unknown request, {0, summary} when it was settled before (nothing
 changes), {1, summary} when settled now.
@@ -67,15 +68,18 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
       if present == 1 then
         if actual_tokens > 0 then
           redis.call("ZADD", key, at, string.format("%d", actual_tokens) .. ":" .. member)
-          redis.call("PEXPIRE", key, math.floor(window / 1000) + 1)
         end
+        -- The oldest entry may have changed: twice the window from now, as check.lua's
+        -- expiry rule needs (never shorter than what a check set before).
+        local ttl = math.floor(2 * window / 1000)
+        redis.call("PEXPIRE", key, ttl)
         local delta = actual_tokens - weight
         if delta ~= 0 then
           local total = redis.call("INCRBY", sum_key, delta)
           if total <= 0 then
             redis.call("DEL", sum_key)
           else
-            redis.call("PEXPIRE", sum_key, math.floor(window / 1000) + 1)
+            redis.call("PEXPIRE", sum_key, ttl)
           end
         end
       end
