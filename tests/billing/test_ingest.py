@@ -741,7 +741,7 @@ def test_entries_written_differently_are_read_as_the_portable_write_reads_them(
     assert client.xlen(key) == 0
 
 
-def test_the_top_user_rollups_are_folded_once_from_the_deltas_a_drain_writes(published, clock):
+def test_the_top_user_rollups_take_the_events_a_drain_wrote_once_when_it_folds(published, clock):
     world = published
     for index in range(6):
         engine.check(world.alice.pk, f"u{index % 2}", "gpt-4o", tokens=10, request_id=f"r{index}")
@@ -750,14 +750,38 @@ def test_the_top_user_rollups_are_folded_once_from_the_deltas_a_drain_writes(pub
     ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
 
     assert DailyUserRollup.objects.count() == 0
-    assert UserUsageDelta.objects.count() == 2
-    assert user_rollups_fold() == 2
+    assert UserUsageDelta.objects.count() == 0  # new events are read from their table
+    assert user_rollups_fold() == 6
     assert user_rollups_fold() == 0
     assert dict(DailyUserRollup.objects.values_list("user_id", "requests")) == {"u0": 3, "u1": 3}
     assert dict(MonthlyUserRollup.objects.values_list("user_id", "input_tokens")) == {
         "u0": 30,
         "u1": 30,
     }
+
+
+@pytest.mark.parametrize("folded_between", [False, True])
+def test_a_commit_after_its_check_moves_the_top_users_once_folded_or_not(
+    published, clock, folded_between
+):
+    """A commit amending an event not folded in yet changes what the fold reads; one
+    amending an event folded in already waits as a delta. Either way it counts once."""
+    world = published
+    engine.check(world.alice.pk, "u", "gpt-4o", tokens=100, request_id="r1")
+    ledger_write(RedisSource(consumer="a").read(1000).entries, {}, defer_user_rollups=True)
+    if folded_between:
+        user_rollups_fold()
+    engine.commit(world.alice.pk, "r1", input_tokens=7, output_tokens=9)
+    ledger_write(RedisSource(consumer="b").read(1000).entries, {}, defer_user_rollups=True)
+
+    assert UserUsageDelta.objects.count() == int(folded_between)
+    user_rollups_fold()
+
+    for rollup in (DailyUserRollup, MonthlyUserRollup):
+        assert list(rollup.objects.values_list("requests", "input_tokens", "output_tokens")) == [
+            (1, 7, 9)
+        ]
+    assert UserUsageDelta.objects.count() == 0
 
 
 def test_reading_ahead_never_hands_the_batch_being_written_back_to_its_drain(
