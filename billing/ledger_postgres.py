@@ -902,9 +902,14 @@ def user_rollups_fold() -> int:
         # Events the planner has no statistics for yet look few, and few rows are summed by
         # sorting them: a hundred thousand are summed far faster in a hash table. The fold
         # sorts nothing else.
+        # Only for this statement: later statements of the same transaction (a test's, or a
+        # caller's) are planned as usual.
         cursor.execute("SET LOCAL timezone = 'UTC'; SET LOCAL enable_sort = off")
-        cursor.execute(FOLD_USERS, {"after": after, "through": max(after, newest or 0)})
-        return int(cursor.fetchone()[0])
+        try:
+            cursor.execute(FOLD_USERS, {"after": after, "through": max(after, newest or 0)})
+            return int(cursor.fetchone()[0])
+        finally:
+            cursor.execute("SET LOCAL enable_sort = on")
 
 
 def _add(written: Written, row: tuple[Any, ...]) -> bool:
