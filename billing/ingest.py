@@ -26,6 +26,10 @@ the unique key turns the repeat into nothing, and the rollups move only with row
 really written. Every ledger write holds the ``drain`` row of ``LedgerState``, so two drains
 (or a drain and a rollup check) never interleave.
 
+On a Redis Cluster (``REDIS_CLUSTER``) every command above touches one tenant's keys, so
+one slot; the reads of a round go out as one pipeline per node, each stream's read sent
+straight to the node that owns its slot.
+
 With the in-process limiter (``QUOTA_BACKEND = "local"``, the embedded default) the same
 entries come from ``engine.local_backend().events`` in this process instead.
 """
@@ -49,7 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from django.conf import settings
@@ -69,6 +73,7 @@ from billing.models import (
     StatementAdjustment,
     UsageEvent,
 )
+from limits.redis_client import Client, redis_client
 
 if TYPE_CHECKING:
     from billing.ledger_postgres import Staged
@@ -289,6 +294,24 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
+# Replies whose stream entries stay bytes, in the lists Redis sends (see RedisSource).
+RAW_COMMANDS = ("XREADGROUP", "XAUTOCLAIM")
+
+
+def _keep_entries_raw(client: Client) -> None:
+    """Leave ``RAW_COMMANDS`` replies as Redis sent them. A cluster client parses replies
+    with the client of the node that answered, one per node, so each gets the callback;
+    the cluster may have introduced nodes since the last call."""
+    if isinstance(client, redis.RedisCluster):
+        targets = [node.redis_connection for node in client.get_nodes()]
+    else:
+        targets = [client]
+    for target in targets:
+        if target is not None and target.response_callbacks.get("XREADGROUP") is not _raw_reply:
+            for command in RAW_COMMANDS:
+                target.set_response_callback(command, _raw_reply)
+
+
 @contextlib.contextmanager
 def cyclic_gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a batch is read and laid out.
@@ -308,17 +331,20 @@ def cyclic_gc_paused() -> Iterator[None]:
 
 
 class RedisSource:
-    """Reads the tenants' usage streams in Redis through the consumer group ``billing``."""
+    """Reads the tenants' usage streams in Redis through the consumer group ``billing``.
+
+    On a Redis Cluster (``REDIS_CLUSTER``; ``url`` names any one node) the same commands run
+    through redis-py's cluster client, each on the node that owns its tenant's slot."""
 
     def __init__(self, url: str | None = None, *, consumer: str | None = None) -> None:
         address = str(url or settings.REDIS_URL)
         options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5}
-        self.client = redis.Redis.from_url(address, decode_responses=True, **options)
+        self.client = redis_client(address, decode_responses=True, **options)
         # Stream entries stay bytes, in the lists Redis sends (no dict or str per entry),
         # and are parsed once, where they are laid out for the database.
-        self.entries_client = redis.Redis.from_url(address, **options)
-        for command in ("XREADGROUP", "XAUTOCLAIM"):
-            self.entries_client.set_response_callback(command, _raw_reply)
+        self.entries_client = redis_client(address, **options)
+        self.is_cluster = isinstance(self.entries_client, redis.RedisCluster)
+        _keep_entries_raw(self.entries_client)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._grouped: set[str] = set()
         self._claimed_at: dict[int, float] = {}
@@ -372,6 +398,8 @@ class RedisSource:
             chunk = order[first : first + STREAMS_PER_ROUND]
             keys = [stream_key(tenant) for tenant in chunk]
             self._ensure_groups(keys)
+            if self.is_cluster:
+                _keep_entries_raw(self.entries_client)
             pipe = self.entries_client.pipeline(transaction=False)
             now = time.monotonic()
             claiming = [
@@ -381,7 +409,10 @@ class RedisSource:
             for tenant, key, claim in zip(chunk, keys, claiming, strict=True):
                 if claim:
                     pipe.xautoclaim(key, GROUP, self.consumer, idle_ms, start_id="0-0", count=count)
-                pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=count)
+                if self.is_cluster:
+                    self._queue_read_on_its_node(pipe, key, count)
+                else:
+                    pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=count)
                 pipe.hgetall(denied_key(tenant))
             results = iter(pipe.execute(raise_on_error=False))
             for index, tenant in enumerate(chunk):
@@ -429,6 +460,29 @@ class RedisSource:
             # Laid out here, on the reading thread, while the previous batch is written.
             entries.staged()
         return batch
+
+    def _queue_read_on_its_node(self, pipe: Any, key: str, count: int) -> None:
+        """Queue one stream's XREADGROUP for the node that owns its slot.
+
+        One XREADGROUP per stream: on a cluster a command naming streams of several slots
+        is refused (CROSSSLOT), even when one node owns them all. Its node is named here
+        from the client's slot map because XREADGROUP's keys have no fixed place (they
+        follow STREAMS): left to route it, redis-py asks a node for them (COMMAND GETKEYS)
+        before every read, a round trip per stream. A read that meets a moved slot is sent
+        again by redis-py to the slot's new owner."""
+        node = cast(redis.RedisCluster, self.entries_client).get_node_from_key(key)
+        pipe.execute_command(
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            self.consumer,
+            "COUNT",
+            count,
+            "STREAMS",
+            key,
+            ">",
+            target_nodes=node,
+        )
 
     def ack(self, batch: Batch) -> None:
         """Acknowledge a written batch, trim below what is acknowledged, and drop denied

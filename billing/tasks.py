@@ -17,7 +17,9 @@ from billing import services
 from billing.ingest import drain
 from billing.rollups import rollups_reconcile_recent
 
-RETRIED = (redis.RedisError, DatabaseError)
+# A cluster client that cannot reach any node, or finds slots without a node, raises
+# RedisClusterException, which is not a RedisError.
+RETRIED = (redis.RedisError, redis.exceptions.RedisClusterException, DatabaseError)
 COMMON: dict[str, Any] = {
     "autoretry_for": RETRIED,
     "retry_backoff": 1,
