@@ -1,0 +1,1564 @@
+"""Soak: the real deployment under mixed traffic for minutes while faults are injected.
+
+    .venv/bin/python bench/soak.py [--minutes 10] [--tenants 50] [--workers 4]
+                                   [--clients 4] [--rate 60] [--publishes 20] [--seed N]
+                                   [--keep-logs DIR]
+
+One command, bounded in time, loopback only, in a world of its own: a redis-server of its
+own on a free port (no persistence, so that it can be restarted), a PostgreSQL database of
+its own on the server of DATABASE_URL (default postgres://postgres@127.0.0.1:5432/…),
+migrated, with a policy of ``--tenants`` tenants on three tiers (one fail mode each), short
+windows and small limits so that denials happen, token limits and a global capacity on one
+model class, loaded with ``loadpolicy``, and an API key per tenant made by
+``limits.services.apikey_create``. It serves that world with gunicorn (the project's
+config, ``--workers`` sync workers) and a Celery worker with beat (``worker -B``, as
+``scripts/run`` starts them), and drives checks, usage commits and quota reads from
+``--clients`` processes across every tenant and many users.
+
+At moments drawn from a seeded RNG (the seed is printed; ``--seed`` repeats a run's
+schedule) it restarts Redis (SIGTERM to its pid, started again on the same port), SIGKILLs
+the Celery worker's process group and starts it again, publishes ``--publishes`` new policy
+versions through ``loadpolicy`` (each toggles four limits), and lets one hot tenant send 50
+times its tenant limit for a phase. Every client logs every answer it got. After the run
+it drains what is left with ``manage.py drain_usage`` and prints: answers by status, check
+latency per phase, degraded decisions, over-admissions per rule from the decision log, and
+events sent against events billed. It exits 1 when it saw a 5xx other than a documented 503
+during a Redis outage, an over-admission, or an event lost or billed twice that no fault
+explains.
+
+It ends only the processes it started, by pid (the Celery worker and gunicorn by the
+process groups it gave them), on success, failure, Ctrl-C and SIGTERM, drops its database
+and removes its temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's folder comes first on sys.path, and bench/http.py would hide
+# the standard library's http package from everything imported below.
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path and os.path.abspath(sys.path[0]) == os.path.join(REPOSITORY, "bench"):
+    sys.path[0] = REPOSITORY
+
+import argparse  # noqa: E402
+import bisect  # noqa: E402
+import csv  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter, defaultdict  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import urlencode, urlsplit, urlunsplit  # noqa: E402
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+
+# -- the world's policy ----------------------------------------------------------------
+WINDOW = 10  # seconds, every windowed rule
+USERS_PER_TENANT = 20
+HOT_TENANT = "soak-00"
+HOT_LIMIT = 10  # the hot tenant's own tenant requests limit per WINDOW
+HOT_FACTOR = 50
+MODELS = {  # id: (class, share of the traffic, input price, output price)
+    "gpt-4o": ("frontier", 0.45, "0.0025", "0.0100"),
+    "claude-3-5-sonnet": ("frontier", 0.20, "0.0030", "0.0150"),
+    "llama-3-8b": ("small", 0.25, "0.0001", "0.0002"),
+    "mistral-7b": ("small", 0.10, "0.0001", "0.0002"),
+}
+CAPACITY = {False: 350, True: 300}  # frontier requests per WINDOW, across every tenant
+TIERS = {  # name: (fail mode, {(scope, metric): limit per WINDOW})
+    "standard": (
+        "closed",
+        {
+            ("user_model", "requests"): 3,
+            ("user", "requests"): 5,
+            ("tenant", "requests"): 20,
+            ("user_model", "tokens"): 1500,
+            ("tenant", "tokens"): 8000,
+        },
+    ),
+    "premium": (
+        "local",
+        {
+            ("user_model", "requests"): 5,
+            ("user", "requests"): 8,
+            ("tenant", "requests"): 40,
+            ("user_model", "tokens"): 3000,
+            ("tenant", "tokens"): 16000,
+        },
+    ),
+    "free": (
+        "open",
+        {
+            ("user_model", "requests"): 2,
+            ("user", "requests"): 3,
+            ("tenant", "requests"): 10,
+            ("user_model", "tokens"): 800,
+            ("tenant", "tokens"): 4000,
+        },
+    ),
+}
+# What every other publish changes (and the next one changes back): a limit lowered on each
+# tier, and the class capacity.
+VARIANT = {
+    ("standard", "user", "requests"): 4,
+    ("premium", "tenant", "requests"): 32,
+    ("free", "user_model", "tokens"): 600,
+}
+VARIANT_TEXT = (
+    f"standard user requests {TIERS['standard'][1][('user', 'requests')]}<->4, premium tenant "
+    f"requests {TIERS['premium'][1][('tenant', 'requests')]}<->32, free user_model tokens "
+    f"{TIERS['free'][1][('user_model', 'tokens')]}<->600, frontier capacity "
+    f"{CAPACITY[False]}<->{CAPACITY[True]}"
+)
+
+# -- phases ----------------------------------------------------------------------------
+WARM_UP, STEADY, REDIS_RESTART, WORKER_KILL, PUBLISH, HOT = range(6)
+ENDED = -1
+PHASES = {
+    WARM_UP: "warm-up",
+    STEADY: "steady",
+    REDIS_RESTART: "redis-restart",
+    WORKER_KILL: "worker-kill",
+    PUBLISH: "publish",
+    HOT: "hot-tenant",
+}
+WARM_UP_SECONDS = 15.0
+REDIS_TAIL = 5.0  # seconds after Redis is back still counted as its phase
+OUTAGE_503_TAIL = 2.0  # a worker's breaker and its first reconnect after Redis is back
+WORKER_TAIL = 10.0
+PUBLISH_TAIL = 2.0  # processes poll for a new version every 0.5 s
+PUBLISH_MARGIN = (1.0, 2.0)  # seconds before the publish started, after it ended
+
+
+def tier_of(index: int) -> str:
+    return ("standard", "premium", "free")[index % 3] if index else "standard"
+
+
+def slugs(tenants: int) -> list[str]:
+    return [f"soak-{index:02d}" for index in range(tenants)]
+
+
+def policy_document(tenants: int, *, variant: bool) -> dict[str, Any]:
+    def rules(tier: str) -> list[dict[str, Any]]:
+        found = []
+        for (scope, metric), limit in TIERS[tier][1].items():
+            if variant:
+                limit = VARIANT.get((tier, scope, metric), limit)
+            found.append({"scope": scope, "metric": metric, "limit": limit, "window": WINDOW})
+        return found
+
+    classes: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for model, (model_class, _share, input_price, output_price) in MODELS.items():
+        classes[model_class].append(
+            {"id": model, "input_price_per_1k": input_price, "output_price_per_1k": output_price}
+        )
+    capacity = [{"metric": "requests", "limit": CAPACITY[variant], "window": WINDOW}]
+    return {
+        "model_classes": [
+            {
+                "name": name,
+                "models": models,
+                **({"capacity": capacity} if name == "frontier" else {}),
+            }
+            for name, models in classes.items()
+        ],
+        "tiers": [
+            {"name": name, "fail_mode": fail_mode, "limits": rules(name)}
+            for name, (fail_mode, _limits) in TIERS.items()
+        ],
+        "tenants": [
+            {
+                "slug": slug,
+                "name": f"Soak tenant {index}",
+                "tier": tier_of(index),
+                **(
+                    {
+                        "limits": [
+                            {
+                                "scope": "tenant",
+                                "metric": "requests",
+                                "limit": HOT_LIMIT,
+                                "window": WINDOW,
+                            }
+                        ]
+                    }
+                    if slug == HOT_TENANT
+                    else {}
+                ),
+            }
+            for index, slug in enumerate(slugs(tenants))
+        ],
+    }
+
+
+CREATE_KEYS = """
+import json
+from limits.models import Tenant
+from limits.services import Actor, apikey_create
+keys = {}
+for tenant in Tenant.objects.filter(slug__startswith="soak-").order_by("slug"):
+    _api_key, key = apikey_create(tenant=tenant, name="soak", actor=Actor(label="soak"))
+    keys[tenant.slug] = key
+print(json.dumps(keys))
+"""
+
+
+# -- the world -------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+class Database:
+    """A database of the run's own, created fresh and dropped at the end."""
+
+    def __init__(self, url: str) -> None:
+        self.name = f"quota_soak_{os.getpid()}"
+        self.admin_url = _with_database(url, "postgres")
+        self.url = _with_database(url, self.name)
+        self.created = False
+
+    def create(self) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            connection.execute(f'CREATE DATABASE "{self.name}"')
+        self.created = True
+
+    def drop(self) -> None:
+        if self.created:
+            with psycopg.connect(self.admin_url, autocommit=True) as connection:
+                connection.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            self.created = False
+
+
+class Service:
+    """A long-running process of the soak's own, in a process group of its own, so that
+    the terminal's Ctrl-C reaches only the soak, which then stops it."""
+
+    def __init__(self, name: str, command: list[str], environ: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.command = command
+        self.environ = environ
+        self.log_path = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=REPOSITORY,
+                env=self.environ,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        """SIGTERM to the process, then SIGKILL to its group if it does not go."""
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+        self._reap_group()
+        self.process = None
+
+    def kill_group(self) -> None:
+        """SIGKILL to every process of the group this service leads: a crash of it all."""
+        process = self.process
+        if process is None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+
+    def _reap_group(self) -> None:
+        # Children the leader left behind (it exited first) are still in its group.
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(2)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class RedisServer(Service):
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        data = directory / "redis"
+        data.mkdir()
+        super().__init__(
+            "redis-server",
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data),
+            ],
+            dict(os.environ),
+            directory / "redis.log",
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        super().start()
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + 15
+        try:
+            while time.monotonic() < deadline:
+                if not self.is_running():
+                    raise RuntimeError(f"redis-server exited; see {self.log_path}")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        raise RuntimeError(f"redis-server did not answer; see {self.log_path}")
+
+
+def _manage(environ: dict[str, str], *arguments: str, timeout: float = 300) -> str:
+    result = subprocess.run(
+        [sys.executable, "manage.py", *arguments],
+        cwd=REPOSITORY,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        start_new_session=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(arguments[:1])} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def _wait_healthy(service: Service, port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not service.is_running():
+            raise RuntimeError(f"{service.name} exited; see {service.log_path}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/readyz")
+            if connection.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            connection.close()
+        time.sleep(0.2)
+    raise RuntimeError(f"{service.name} not ready; see {service.log_path}")
+
+
+# -- the clients -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientPlan:
+    number: int
+    port: int
+    keys: dict[str, str]
+    tenants: tuple[str, ...]
+    rate: float  # checks per second
+    start: float  # time.time()
+    deadline: float
+    seed: int
+    log_path: str
+    is_hot: bool = False
+
+
+LOG_FIELDS = (
+    "kind",  # check, usage or quota
+    "phase",
+    "sent",  # time.time() when the request went out
+    "latency",  # seconds until the whole answer was read
+    "status",  # HTTP status; 0 when no answer came
+    "tenant",
+    "user",
+    "model",
+    "request_id",
+    "allowed",  # checks: 1/0; usage: 1 when the answer said repeated
+    "degraded",
+    "version",
+    "tokens",  # checks: the estimate; usage: input:output
+    "limits",  # checks: scope.metric.window=limit|…
+    "denied_by",  # checks: scope.metric.window of the limit that denied
+)
+
+
+class _Connection:
+    """One HTTP connection, reopened whenever the server closed it (sync workers close
+    every connection after their answer)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.connection: http.client.HTTPConnection | None = None
+
+    def call(
+        self, method: str, path: str, key: str, body: dict[str, Any] | None
+    ) -> tuple[float, float, int, dict[str, Any] | None]:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        payload = None if body is None else json.dumps(body).encode()
+        sent = time.time()
+        began = time.perf_counter()
+        status, answer = 0, None
+        try:
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            self.connection.request(method, path, payload, headers)
+            response = self.connection.getresponse()
+            raw = response.read()
+            status = response.status
+            if response.will_close:
+                self.close()
+            try:
+                answer = json.loads(raw) if raw else None
+            except ValueError:
+                answer = None
+        except (OSError, http.client.HTTPException):
+            self.close()
+        return sent, time.perf_counter() - began, status, answer
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def _limits_text(answer: dict[str, Any]) -> str:
+    return "|".join(
+        f"{item['scope']}.{item['metric']}.{item['window']}={item['limit']}"
+        for item in answer.get("limits") or ()
+    )
+
+
+def run_client(plan: ClientPlan, phase: Any) -> None:
+    """One client process: paced checks (each allowed one committed), some quota reads."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the soak stops its clients itself
+    rng = random.Random(plan.seed)
+    models = list(MODELS)
+    shares = [MODELS[model][1] for model in models]
+    connection = _Connection(plan.port)
+    counter = 0
+    interval = 1.0 / plan.rate
+    next_at = plan.start
+    with open(plan.log_path, "w", newline="", buffering=1 << 16) as out:
+        log = csv.writer(out)
+
+        def check(tenant: str, user: str, model: str) -> None:
+            nonlocal counter
+            counter += 1
+            request_id = f"c{plan.number}-{counter}"
+            tokens = rng.randint(50, 600)
+            key = plan.keys[tenant]
+            current = phase.value
+            sent, latency, status, answer = connection.call(
+                "POST",
+                "/api/v1/check",
+                key,
+                {"user_id": user, "model": model, "tokens": tokens, "request_id": request_id},
+            )
+            allowed = degraded = version = ""
+            limits = denied_by = ""
+            if status == 200 and answer is not None:
+                allowed = int(bool(answer["allowed"]))
+                degraded = int(bool(answer.get("degraded")))
+                version = answer.get("policy_version", "")
+                limits = _limits_text(answer)
+                denied = answer.get("denied_by")
+                if denied:
+                    denied_by = f"{denied['scope']}.{denied['metric']}.{denied['window']}"
+            log.writerow(
+                ("check", current, f"{sent:.6f}", f"{latency:.6f}", status, tenant, user, model)
+                + (request_id, allowed, degraded, version, tokens, limits, denied_by)
+            )
+            if allowed == 1 and degraded == 0:
+                # What the inference really used: never more than the estimate, so that
+                # a token window holds at least the actuals from the check on.
+                input_tokens = rng.randint(0, tokens)
+                output_tokens = rng.randint(0, tokens - input_tokens)
+                state = rng.choices(("ok", "error", "cancelled"), (0.9, 0.05, 0.05))[0]
+                current = phase.value
+                sent, latency, status, answer = connection.call(
+                    "POST",
+                    "/api/v1/usage",
+                    key,
+                    {
+                        "request_id": request_id,
+                        "input_tokens": input_tokens,
+                        "output_tokens": output_tokens,
+                        "status": state,
+                    },
+                )
+                repeated = int(bool(answer.get("repeated"))) if status == 200 and answer else ""
+                log.writerow(
+                    ("usage", current, f"{sent:.6f}", f"{latency:.6f}", status, tenant, user)
+                    + (model, request_id, repeated, "", "", f"{input_tokens}:{output_tokens}")
+                    + ("", "")
+                )
+
+        while True:
+            now = time.time()
+            if now >= plan.deadline:
+                break
+            if next_at > now:
+                time.sleep(next_at - now)
+            # Open loop, but a client that fell behind does not make up for it in a burst.
+            next_at = max(next_at, time.time() - 1.0)
+            tenant = rng.choice(plan.tenants)
+            user = "user-0" if rng.random() < 0.4 else f"user-{rng.randrange(USERS_PER_TENANT)}"
+            model = rng.choices(models, shares)[0]
+            draw = rng.random()
+            if plan.is_hot:
+                user = f"user-{rng.randrange(USERS_PER_TENANT)}"
+                check(tenant, user, model)
+                next_at += interval
+            elif draw < 0.05:
+                current = phase.value
+                query = urlencode({"user_id": user, "model": model})
+                sent, latency, status, _answer = connection.call(
+                    "GET", f"/api/v1/quota?{query}", plan.keys[tenant], None
+                )
+                log.writerow(
+                    ("quota", current, f"{sent:.6f}", f"{latency:.6f}", status, tenant, user)
+                    + (model, "", "", "", "", "", "", "")
+                )
+                next_at += interval
+            elif draw < 0.13:
+                # A burst: one user on one model, back to back.
+                for _ in range(6):
+                    check(tenant, user, model)
+                next_at += 6 * interval
+            else:
+                check(tenant, user, model)
+                next_at += interval
+    connection.close()
+
+
+# -- the schedule ----------------------------------------------------------------------
+@dataclass
+class Fault:
+    kind: str  # publish, redis, worker, hot
+    at: float  # seconds after the clients started
+    reserve: float  # seconds kept free for it
+    pause: float = 0.0  # redis, worker: how long it stays down
+
+
+@dataclass
+class Record:
+    """What the controller did and when (time.time())."""
+
+    phases: list[tuple[float, int]] = field(default_factory=list)
+    outages: list[tuple[float, float]] = field(default_factory=list)  # Redis down → up
+    at_risk_since: list[float] = field(default_factory=list)  # stream snapshot times
+    at_risk: set[tuple[str, str, str]] = field(default_factory=set)  # (kind, tenant id, rid)
+    kills: list[tuple[float, float]] = field(default_factory=list)
+    publishes: list[tuple[float, float, bool]] = field(default_factory=list)
+    hot: tuple[float, float] | None = None
+    deaths: list[tuple[float, int | None]] = field(default_factory=list)  # not the soak's doing
+    notes: list[str] = field(default_factory=list)
+
+
+def schedule(
+    rng: random.Random, seconds: float, publishes: int, restarts: int, kills: int, hot: float
+) -> list[Fault]:
+    faults = (
+        [Fault("publish", 0, 8.0) for _ in range(publishes)]
+        + [Fault("redis", 0, 14.0, rng.uniform(1.0, 4.0)) for _ in range(restarts)]
+        + [Fault("worker", 0, 26.0, rng.uniform(2.0, 8.0)) for _ in range(kills)]
+        + [Fault("hot", 0, hot + 5.0)]
+    )
+    rng.shuffle(faults)
+    first, last = WARM_UP_SECONDS + 10.0, seconds - 10.0
+    free = (last - first) - sum(fault.reserve for fault in faults)
+    if free < 0:
+        raise SystemExit(
+            f"soak: {len(faults)} faults need {sum(f.reserve for f in faults):.0f} s but the "
+            f"run has {last - first:.0f} s between warm-up and end; use more --minutes or "
+            "fewer --publishes"
+        )
+    cuts = sorted(rng.uniform(0, free) for _ in faults)
+    used = 0.0
+    for fault, cut in zip(faults, cuts, strict=True):
+        fault.at = first + cut + used
+        used += fault.reserve
+    return faults
+
+
+# -- the run ---------------------------------------------------------------------------
+@dataclass
+class Soak:
+    arguments: argparse.Namespace
+    directory: Path
+    environ: dict[str, str]
+    redis_server: RedisServer
+    web: Service
+    worker: Service
+    port: int
+    keys: dict[str, str]
+    tenant_ids: dict[str, int]
+    record: Record
+    phase: Any
+    clients: list[Any] = field(default_factory=list)
+    metrics: str = ""
+
+    def wait_until(self, moment: float) -> None:
+        """Sleep until ``moment``, restarting the Celery worker if it died meanwhile (what
+        a process supervisor would do), and recording that it did."""
+        while True:
+            self.watch_worker()
+            left = moment - time.time()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.5))
+
+    def watch_worker(self) -> None:
+        process = self.worker.process
+        if process is None or process.poll() is None:
+            return
+        self.record.deaths.append((time.time(), process.returncode))
+        print(
+            f"  the Celery worker exited by itself (status {process.returncode}); restarting it",
+            flush=True,
+        )
+        self.worker.stop()
+        self.worker.start()
+
+    def set_phase(self, value: int) -> None:
+        self.phase.value = value
+        self.record.phases.append((time.time(), value))
+
+    def start_clients(self, count: int, rate: float, *, deadline: float, hot: bool) -> list[Any]:
+        context = multiprocessing.get_context("fork")
+        tenants = tuple(self.keys) if not hot else (HOT_TENANT,)
+        start = time.time() + 0.1
+        started = []
+        for _ in range(count):
+            number = len(self.clients)
+            plan = ClientPlan(
+                number=number,
+                port=self.port,
+                keys=self.keys,
+                tenants=tenants,
+                rate=rate / count,
+                start=start,
+                deadline=deadline,
+                seed=self.arguments.seed * 1000 + number,
+                log_path=str(self.directory / f"client-{number:02d}.csv"),
+                is_hot=hot,
+            )
+            process = context.Process(target=run_client, args=(plan, self.phase), daemon=True)
+            process.start()
+            self.clients.append(process)
+            started.append(process)
+        return started
+
+    def stop_clients(self) -> None:
+        for process in self.clients:
+            if process.is_alive():
+                process.terminate()
+        for process in self.clients:
+            process.join(timeout=10)
+
+    # -- the faults ----------------------------------------------------------------
+    def publish(self, number: int) -> None:
+        variant = number % 2 == 1
+        path = self.directory / f"policy-{number:02d}.json"
+        path.write_text(json.dumps(policy_document(self.arguments.tenants, variant=variant)))
+        self.set_phase(PUBLISH)
+        began = time.time()
+        ok = True
+        try:
+            _manage(self.environ, "loadpolicy", str(path), timeout=120)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            ok = False
+            self.record.notes.append(f"publish {number} failed: {error}")
+        ended = time.time()
+        self.record.publishes.append((began, ended, ok))
+        time.sleep(PUBLISH_TAIL)
+        self.set_phase(STEADY)
+
+    def restart_redis(self, pause: float) -> None:
+        self.set_phase(REDIS_RESTART)
+        snapshot = time.time()
+        self.record.at_risk_since.append(snapshot)
+        self.record.at_risk |= _undrained(self.redis_server.url)
+        down = time.time()
+        self.redis_server.stop(timeout=10)
+        time.sleep(pause)
+        self.redis_server.start()
+        up = time.time()
+        self.record.outages.append((down, up))
+        time.sleep(REDIS_TAIL)
+        self.set_phase(STEADY)
+
+    def kill_worker(self, pause: float) -> None:
+        self.set_phase(WORKER_KILL)
+        killed = time.time()
+        self.worker.kill_group()
+        time.sleep(pause)
+        self.worker.start()
+        self.record.kills.append((killed, time.time()))
+        time.sleep(WORKER_TAIL)
+        self.set_phase(STEADY)
+
+    def hot_phase(self, seconds: float) -> None:
+        rate = HOT_FACTOR * HOT_LIMIT / WINDOW
+        self.set_phase(HOT)
+        began = time.time()
+        processes = self.start_clients(2, rate, deadline=began + seconds, hot=True)
+        for process in processes:
+            process.join(timeout=seconds + 30)
+        self.record.hot = (began, time.time())
+        self.set_phase(STEADY)
+
+
+def _metrics(port: int) -> str:
+    """The platform's own counters of Redis errors and degraded decisions (/metrics)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    except (OSError, http.client.HTTPException) as error:
+        return f"/metrics: {error}"
+    finally:
+        connection.close()
+    return "\n".join(
+        line
+        for line in text.splitlines()
+        if line.startswith(("quota_redis_errors_total", "quota_degraded_decisions_total"))
+    )
+
+
+def _undrained(url: str) -> set[tuple[str, str, str]]:
+    """(kind, tenant id, request id) of every entry in the usage streams: what a restart of
+    a Redis without persistence loses if the drain has not acknowledged it."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    found: set[tuple[str, str, str]] = set()
+    try:
+        for key in client.scan_iter(match="*:events", count=1000):
+            tenant = re.search(rb"\{t:(\d+)\}", key)
+            for _entry_id, fields in client.xrange(key):
+                request = re.search(rb'"request_id":"([^"]*)"', fields.get(b"e", b""))
+                if tenant and request:
+                    kind = fields.get(b"k", b"").decode()
+                    found.add((kind, tenant[1].decode(), request[1].decode()))
+    finally:
+        client.close()
+    return found
+
+
+def _backlog(url: str) -> int:
+    """Stream entries not yet acknowledged by the billing group (pending or never read)."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    waiting = 0
+    try:
+        for key in client.scan_iter(match="*:events", count=1000):
+            try:
+                groups = client.xinfo_groups(key)
+            except redis.ResponseError:
+                groups = []
+            if not groups:
+                waiting += int(client.xlen(key))
+                continue
+            for group in groups:
+                waiting += int(group["pending"])
+                last = group["last-delivered-id"]
+                last = last.decode() if isinstance(last, bytes) else str(last)
+                waiting += len(client.xrange(key, min=f"({last}", max="+", count=100_000))
+    finally:
+        client.close()
+    return waiting
+
+
+def drain_all(soak: Soak, *, limit: float = 240.0) -> tuple[int, float]:
+    """Drain until nothing waits (a dead consumer's batch is claimed after
+    BILLING_CLAIM_IDLE_SECONDS); returns (entries still waiting, seconds taken)."""
+    began = time.monotonic()
+    waiting = _backlog(soak.redis_server.url)
+    while True:
+        _manage(soak.environ, "drain_usage", timeout=300)
+        waiting = _backlog(soak.redis_server.url)
+        if waiting == 0 or time.monotonic() - began > limit:
+            return waiting, time.monotonic() - began
+        time.sleep(5)
+
+
+# -- the analysis ----------------------------------------------------------------------
+@dataclass
+class Answer:
+    kind: str
+    phase: int
+    sent: float
+    latency: float
+    status: int
+    tenant: str
+    user: str
+    model: str
+    request_id: str
+    allowed: int | None
+    degraded: bool
+    version: int | None
+    tokens: str
+    limits: str
+    denied_by: str
+
+    @property
+    def ended(self) -> float:
+        return self.sent + self.latency
+
+
+def read_logs(directory: Path) -> list[Answer]:
+    answers = []
+    for path in sorted(directory.glob("client-*.csv")):
+        with path.open(newline="") as source:
+            for row in csv.reader(source):
+                if len(row) != len(LOG_FIELDS):
+                    continue  # a line cut off by a client that was stopped
+                answers.append(
+                    Answer(
+                        kind=row[0],
+                        phase=int(row[1]),
+                        sent=float(row[2]),
+                        latency=float(row[3]),
+                        status=int(row[4]),
+                        tenant=row[5],
+                        user=row[6],
+                        model=row[7],
+                        request_id=row[8],
+                        allowed=int(row[9]) if row[9] else None,
+                        degraded=row[10] == "1",
+                        version=int(row[11]) if row[11] else None,
+                        tokens=row[12],
+                        limits=row[13],
+                        denied_by=row[14],
+                    )
+                )
+    answers.sort(key=lambda answer: answer.sent)
+    return answers
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _overlaps(start: float, end: float, spans: Iterable[tuple[float, float]]) -> bool:
+    return any(start <= span_end and end >= span_start for span_start, span_end in spans)
+
+
+@dataclass
+class RuleResult:
+    keys: set[tuple[Any, ...]] = field(default_factory=set)
+    decisions: int = 0
+    windows_over: int = 0
+    near_publish: int = 0
+    worst: tuple[float, str] = (0, "")
+
+
+def over_admissions(
+    checks: list[Answer],
+    usage: dict[tuple[str, str], tuple[int, int]],
+    record: Record,
+) -> tuple[dict[str, RuleResult], int]:
+    """Over-admissions per rule from the decision log.
+
+    A check's decision happened at some moment between its send time and the end of its
+    answer. For every allowed, non-degraded check *i* of a key, the checks of that key whose
+    whole round trip lies in [sent_i, sent_i + window) were certainly decided within less
+    than one window of each other: when the last of them was admitted, all of them were in
+    its window. So their count (requests) or the tokens they certainly held (the actuals
+    reported, never above the estimate; the estimate if none was reported) may not exceed
+    the limit that the deciding answers reported. With a publish in between, some of them
+    were decided under another limit: the bound is checked for every limit L among them,
+    against the members decided under a limit of at most L.
+    Decisions whose round trip overlaps a Redis outage are left out, and each lifetime of
+    the Redis server is counted apart (a restart empties every window, as documented).
+    """
+    outages = sorted(record.outages)
+    ups = [up for _down, up in outages]
+    marks = [
+        (began - PUBLISH_MARGIN[0], ended + PUBLISH_MARGIN[1])
+        for began, ended, _ok in record.publishes
+    ]
+    groups: dict[tuple[Any, ...], list[tuple[float, float, int, int]]] = defaultdict(list)
+    excluded = 0
+    for answer in checks:
+        if answer.status != 200 or answer.allowed != 1 or answer.degraded:
+            continue
+        if _overlaps(answer.sent, answer.ended, outages):
+            excluded += 1
+            continue
+        epoch = bisect.bisect_right(ups, answer.sent)
+        for item in answer.limits.split("|") if answer.limits else ():
+            name, _, limit_text = item.rpartition("=")
+            scope, metric, window = name.split(".")
+            if metric not in ("requests", "tokens") or not window.isdigit():
+                continue
+            subject: tuple[str, ...] = {
+                "user_model": (answer.tenant, answer.user, answer.model),
+                "user": (answer.tenant, answer.user),
+                "tenant_model": (answer.tenant, answer.model),
+                "tenant": (answer.tenant,),
+                "global": (MODELS[answer.model][0],),
+            }[scope]
+            weight = 1
+            if metric == "tokens":
+                actual = usage.get((answer.tenant, answer.request_id))
+                weight = sum(actual) if actual else int(answer.tokens)
+            groups[(name, subject, epoch)].append(
+                (answer.sent, answer.ended, weight, int(float(limit_text)))
+            )
+
+    results: dict[str, RuleResult] = defaultdict(RuleResult)
+    for (name, subject, epoch), members in groups.items():
+        window = int(name.split(".")[2])
+        result = results[name]
+        result.keys.add(subject)
+        result.decisions += len(members)
+        members.sort()
+        count = len(members)
+        next_free = float("-inf")
+        for index in range(count):
+            start = members[index][0]
+            end = start + window
+            inside = []
+            cursor = index
+            while cursor < count and members[cursor][0] < end:
+                if members[cursor][1] < end:
+                    inside.append(members[cursor])
+                cursor += 1
+            excess = _excess(inside)
+            if excess <= 0:
+                continue
+            if excess > result.worst[0]:
+                admitted = sum(member[2] for member in inside)
+                limits = sorted({member[3] for member in inside})
+                result.worst = (
+                    excess,
+                    f"{'/'.join(subject)} epoch {epoch}: {admitted} in "
+                    f"[{_clock(start)}, +{window} s) against limit "
+                    f"{'/'.join(map(str, limits))}",
+                )
+            if start >= next_free:
+                result.windows_over += 1
+                if _overlaps(start, end, marks):
+                    result.near_publish += 1
+                next_free = end
+    return dict(results), excluded
+
+
+def _clock(moment: float) -> str:
+    return f"{time.strftime('%H:%M:%S', time.gmtime(moment))}.{int(moment % 1 * 1000):03d} UTC"
+
+
+def _excess(inside: list[tuple[float, float, int, int]]) -> int:
+    worst = 0
+    for bound in {member[3] for member in inside}:
+        held = sum(member[2] for member in inside if member[3] <= bound)
+        worst = max(worst, held - bound)
+    return worst
+
+
+def billed_events(database_url: str) -> tuple[dict[tuple[str, str], list[Any]], dict[str, Any]]:
+    events: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    with psycopg.connect(database_url) as connection:
+        rows = connection.execute(
+            "SELECT t.slug, e.request_id, e.input_tokens, e.output_tokens, e.is_estimate "
+            "FROM billing_usageevent e JOIN limits_tenant t ON t.id = e.tenant_id"
+        ).fetchall()
+        for slug, request_id, input_tokens, output_tokens, is_estimate in rows:
+            events[(slug, request_id)].append((input_tokens, output_tokens, is_estimate))
+        extra = {
+            "pending_commits": connection.execute(
+                "SELECT count(*) FROM billing_pendingcommit"
+            ).fetchone()[0],
+            "versions": connection.execute("SELECT count(*) FROM limits_policyversion").fetchone()[
+                0
+            ],
+        }
+    return events, extra
+
+
+# -- the report ------------------------------------------------------------------------
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    lines = []
+    for number, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                value.ljust(width) if column == 0 else value.rjust(width)
+                for column, (value, width) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+        if number == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> bool:
+    """Print the tables; True when no correctness goal was missed."""
+    record = soak.record
+    outages = record.outages
+    tenant_names = {str(number): slug for slug, number in soak.tenant_ids.items()}
+    fail_mode = {
+        slug: TIERS[tier_of(index)][0] for index, slug in enumerate(slugs(soak.arguments.tenants))
+    }
+    checks = [answer for answer in answers if answer.kind == "check"]
+    commits = [answer for answer in answers if answer.kind == "usage"]
+
+    def during_outage(answer: Answer, tail: float = 0.0) -> bool:
+        return _overlaps(answer.sent, answer.ended, [(d, u + tail) for d, u in outages])
+
+    # 1. Answers by status.
+    rows = []
+    unexpected_5xx = breaker_503 = 0
+    for kind in ("check", "usage", "quota"):
+        mine = [answer for answer in answers if answer.kind == kind]
+        statuses = Counter(answer.status for answer in mine)
+        unavailable = [answer for answer in mine if answer.status == 503]
+        in_outage = sum(1 for answer in unavailable if during_outage(answer, OUTAGE_503_TAIL))
+        other_5xx = sum(1 for answer in mine if answer.status >= 500 and answer.status != 503)
+        unexpected_5xx += other_5xx + len(unavailable) - in_outage
+        breaker_503 += len(unavailable) - in_outage
+        rows.append(
+            [
+                f"POST /api/v1/{kind}" if kind != "quota" else "GET /api/v1/quota",
+                len(mine),
+                statuses[200],
+                sum(n for status, n in statuses.items() if 400 <= status < 500),
+                sum(n for status, n in statuses.items() if status >= 500),
+                in_outage,
+                len(unavailable) - in_outage,
+                other_5xx,
+                statuses[0],
+            ]
+        )
+    print("\nAnswers (5xx split: 503 while Redis was down or within 2 s of its return; 503 with")
+    print("Redis up; any other 5xx)")
+    print(
+        table(
+            [
+                "endpoint",
+                "sent",
+                "200",
+                "4xx",
+                "5xx",
+                "503 Redis down",
+                "503 Redis up",
+                "other 5xx",
+                "no answer",
+            ],
+            rows,
+        )
+    )
+    other_statuses = Counter(
+        (answer.kind, answer.status) for answer in answers if answer.status not in (0, 200)
+    )
+    if other_statuses:
+        print(
+            "  non-200 answers: "
+            + ", ".join(
+                f"{kind} {status}: {n}" for (kind, status), n in sorted(other_statuses.items())
+            )
+        )
+
+    # 2. Latency per phase.
+    seconds: Counter[int] = Counter()
+    for (began, value), (ended, _next) in zip(record.phases, record.phases[1:], strict=False):
+        seconds[value] += ended - began
+    rows = []
+    latencies: dict[int, list[float]] = defaultdict(list)
+    for answer in checks:
+        latencies[answer.phase].append(answer.latency)
+    for value in (STEADY, REDIS_RESTART, WORKER_KILL, PUBLISH, HOT, WARM_UP):
+        mine = [answer for answer in checks if answer.phase == value]
+        rows.append(
+            [
+                PHASES[value],
+                round(seconds[value]),
+                len(mine),
+                percentile(latencies[value], 0.50) * 1000,
+                percentile(latencies[value], 0.99) * 1000,
+                max(latencies[value], default=float("nan")) * 1000,
+                sum(1 for answer in mine if answer.status >= 500),
+                sum(1 for answer in mine if answer.degraded),
+                sum(1 for answer in mine if answer.status == 0),
+            ]
+        )
+    print("\nChecks per phase (client-side latency from send to the whole answer, ms)")
+    print(
+        table(
+            ["phase", "seconds", "checks", "p50", "p99", "max", "5xx", "degraded", "no answer"],
+            rows,
+        )
+    )
+    others_steady = [a.latency for a in checks if a.phase == STEADY and a.tenant != HOT_TENANT]
+    others_hot = [a.latency for a in checks if a.phase == HOT and a.tenant != HOT_TENANT]
+    hot_checks = [a for a in checks if a.phase == HOT and a.tenant == HOT_TENANT]
+    ratio = percentile(others_hot, 0.99) / percentile(others_steady, 0.99)
+    print(
+        f"  other tenants' p99 while {HOT_TENANT} sends {HOT_FACTOR}x its {HOT_LIMIT}/{WINDOW} s: "
+        f"{percentile(others_hot, 0.99) * 1000:.1f} ms vs steady "
+        f"{percentile(others_steady, 0.99) * 1000:.1f} ms: ratio {ratio:.2f} (goal <= 1.10: "
+        f"{'met' if ratio <= 1.10 else 'NOT met'}); {HOT_TENANT} in that phase: "
+        f"{len(hot_checks):,} checks, {sum(1 for a in hot_checks if a.allowed == 1):,} allowed"
+    )
+
+    # 3. Degraded decisions.
+    rows = []
+    for mode in ("closed", "local", "open"):
+        mine = [a for a in checks if a.degraded and fail_mode[a.tenant] == mode]
+        near = [a for a in mine if during_outage(a, REDIS_TAIL)]
+        rows.append(
+            [
+                mode,
+                len(mine),
+                sum(1 for a in mine if a.allowed == 1),
+                sum(1 for a in mine if a.allowed == 0),
+                len(near),
+                len(mine) - len(near),
+            ]
+        )
+    print("\nDegraded decisions (answered by the tier's fail mode, not by Redis)")
+    print(
+        table(
+            ["fail mode", "degraded", "allowed", "denied", "Redis restarts", "elsewhere"],
+            rows,
+        )
+    )
+
+    # 4. Over-admissions.
+    usage: dict[tuple[str, str], tuple[int, int]] = {}
+    for answer in commits:
+        input_tokens, output_tokens = answer.tokens.split(":")
+        usage[(answer.tenant, answer.request_id)] = (int(input_tokens), int(output_tokens))
+    results, excluded = over_admissions(checks, usage, record)
+    rows = []
+    over_total = 0
+    denials = Counter(a.denied_by for a in checks if a.allowed == 0 and not a.degraded)
+    for name in sorted(results, key=lambda n: (n.split(".")[1], n)):
+        result = results[name]
+        over_total += result.windows_over
+        rows.append(
+            [
+                name,
+                len(result.keys),
+                denials[name],
+                result.decisions,
+                result.windows_over,
+                result.near_publish,
+                result.worst[0],
+            ]
+        )
+    allowed_checks = sum(1 for a in checks if a.allowed == 1 and not a.degraded)
+    denied_checks = sum(1 for a in checks if a.allowed == 0 and not a.degraded)
+    print(
+        f"\nOver-admission per rule ({allowed_checks:,} allowed and {denied_checks:,} denied "
+        f"non-degraded checks; {excluded:,} allowed ones overlapping a Redis outage left out; "
+        "each Redis lifetime apart)"
+    )
+    print(
+        table(
+            [
+                "rule",
+                "keys",
+                "denied by it",
+                "admitted",
+                "windows over",
+                "near a publish",
+                "worst excess",
+            ],
+            rows,
+        )
+    )
+    for name, result in sorted(results.items()):
+        if result.windows_over:
+            print(f"  {name}: worst {result.worst[1]}")
+
+    # 5. Billing.
+    events, extra = billed_events(soak.environ["DATABASE_URL"])
+    sent = {
+        (a.tenant, a.request_id)
+        for a in checks
+        if a.status == 200 and a.allowed == 1 and not a.degraded
+    }
+    by_id = {(a.tenant, a.request_id): a for a in checks}
+    at_risk_checks = {
+        (tenant_names.get(tenant, tenant), rid)
+        for kind, tenant, rid in record.at_risk
+        if kind == "check"
+    }
+    at_risk_commits = {
+        (tenant_names.get(tenant, tenant), rid)
+        for kind, tenant, rid in record.at_risk
+        if kind == "commit"
+    }
+    windows = list(zip(record.at_risk_since, [up for _d, up in outages], strict=False))
+    for answer in checks:
+        if _overlaps(answer.sent, answer.ended, windows):
+            at_risk_checks.add((answer.tenant, answer.request_id))
+    for answer in commits:
+        if _overlaps(answer.sent, answer.ended, windows):
+            at_risk_commits.add((answer.tenant, answer.request_id))
+    billed = set(events)
+    doubled = sum(1 for rows_ in events.values() if len(rows_) > 1)
+    missing = sent - billed
+    lost_restart = missing & at_risk_checks
+    unexplained = missing - at_risk_checks
+    extra_ids = billed - sent
+    extra_degraded = sum(1 for key in extra_ids if key in by_id and by_id[key].degraded)
+    extra_no_answer = sum(1 for key in extra_ids if key in by_id and by_id[key].status != 200)
+    extra_denied = sum(
+        1
+        for key in extra_ids
+        if key in by_id
+        and by_id[key].status == 200
+        and by_id[key].allowed == 0
+        and not by_id[key].degraded
+    )
+    extra_unknown = len(extra_ids) - extra_degraded - extra_no_answer - extra_denied
+    applied = lost_commit = lost_commit_restart = 0
+    for answer in commits:
+        key = (answer.tenant, answer.request_id)
+        if answer.status != 200 or answer.allowed == 1 or key not in events:
+            continue
+        input_tokens, output_tokens = usage[key]
+        stored = events[key][0]
+        if not stored[2] and stored[0] == input_tokens and stored[1] == output_tokens:
+            applied += 1
+        elif key in at_risk_commits:
+            lost_commit_restart += 1
+        else:
+            lost_commit += 1
+    print(
+        f"\nBilling after the final drain ({drained[1]:.0f} s; {drained[0]} stream entries "
+        "still waiting)"
+    )
+    rows = [
+        ["events sent (allowed, non-degraded checks)", len(sent)],
+        ["events billed (usage events in Postgres, distinct request ids)", len(billed)],
+        ["  billed twice or more", doubled],
+        ["sent, not billed: undrained when Redis restarted (no persistence)", len(lost_restart)],
+        ["sent, not billed: otherwise", len(unexplained)],
+        ["billed, not sent: degraded answers (the script ran; the app timed out)", extra_degraded],
+        ["billed, not sent: no answer / not 200", extra_no_answer],
+        ["billed, not sent: answered denied", extra_denied],
+        ["billed, not sent: never asked", extra_unknown],
+        ["commits answered 200, billed with their actuals", applied],
+        ["commits answered 200, not in billing: undrained at a Redis restart", lost_commit_restart],
+        ["commits answered 200, not in billing: otherwise", lost_commit],
+        ["commits still waiting for their check (PendingCommit)", extra["pending_commits"]],
+        [f"policy versions (1 + {len(record.publishes)} publishes)", extra["versions"]],
+    ]
+    print(table(["", "count"], rows))
+    for label, keys in (("sent, not billed", unexplained), ("billed, never asked", extra_ids)):
+        sample = sorted(keys)[:5]
+        if sample and (label != "billed, never asked" or extra_unknown):
+            print(f"  {label}, e.g.: " + ", ".join(f"{t}/{r}" for t, r in sample))
+
+    print("\nThe platform's own counters (/metrics, summed over the gunicorn workers)")
+    for line in soak.metrics.splitlines():
+        print(f"  {line}")
+
+    failures = []
+    if breaker_503:
+        failures.append(f"{breaker_503} answers 503 while Redis was up")
+    if unexpected_5xx - breaker_503:
+        failures.append(f"{unexpected_5xx - breaker_503} 5xx answers other than 503")
+    if over_total:
+        failures.append(f"{over_total} windows over their limit")
+    if doubled:
+        failures.append(f"{doubled} events billed twice")
+    if unexplained:
+        failures.append(f"{len(unexplained)} events lost without a Redis restart")
+    if extra_denied or extra_unknown:
+        failures.append(f"{extra_denied + extra_unknown} events billed for checks not allowed")
+    if lost_commit:
+        failures.append(f"{lost_commit} acknowledged commits missing from billing")
+    if record.deaths:
+        failures.append(f"{len(record.deaths)} Celery worker exits the soak did not cause")
+    print("\nGoals")
+    print(f"  no 5xx, but 503 while Redis is down: {'met' if not unexpected_5xx else 'NOT met'}")
+    print(f"  no over-admission: {'met' if not over_total else 'NOT met'}")
+    billing_met = not (doubled or unexplained or extra_denied or extra_unknown or lost_commit)
+    print(
+        "  every event billed once, loss only with a Redis restart: "
+        f"{'met' if billing_met else 'NOT met'}"
+    )
+    print(f"  other tenants' p99 during the hot tenant <= 1.10x steady: {ratio:.2f}x")
+    print(
+        "  the Celery worker only dies when killed: "
+        f"{'met' if not record.deaths else f'NOT met ({len(record.deaths)} exits)'}"
+    )
+    for failure in failures:
+        print(f"  FOUND: {failure}")
+    return not failures
+
+
+def service_errors(soak: Soak) -> None:
+    """Distinct error lines of the services' logs: the evidence behind a 5xx."""
+    for service in (soak.web, soak.worker):
+        try:
+            text = service.log_path.read_text(errors="replace")
+        except OSError:
+            continue
+        found = Counter(
+            line.strip()[:200]
+            for line in text.splitlines()
+            if re.search(r"Error|Exception|Traceback|CRITICAL", line) and "INFO" not in line
+        )
+        if found:
+            print(f"\n{service.name} log: {sum(found.values())} error lines, most common:")
+            for line, count in found.most_common(8):
+                print(f"  {count:>5} x {line}")
+
+
+# -- main ------------------------------------------------------------------------------
+def _interrupted(number: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {number}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="length of the traffic")
+    parser.add_argument("--tenants", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn sync workers")
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--rate", type=float, default=60.0, help="checks per second, in all")
+    parser.add_argument("--publishes", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
+    arguments = parser.parse_args()
+    if arguments.seed is None:
+        arguments.seed = secrets.randbelow(1_000_000)
+    if arguments.tenants < 2 or arguments.tenants > 100:
+        parser.error("--tenants must be between 2 and 100")
+    seconds = arguments.minutes * 60
+    rng = random.Random(arguments.seed)
+    restarts = max(1, round(arguments.minutes * 0.3))
+    kills = max(1, round(arguments.minutes * 0.3))
+    hot_seconds = max(20.0, seconds * 0.1)
+    faults = schedule(rng, seconds, arguments.publishes, restarts, kills, hot_seconds)
+
+    print(
+        f"bench/soak.py: seed {arguments.seed}; {arguments.minutes:g} min of traffic, "
+        f"{arguments.tenants} tenants, gunicorn {arguments.workers} sync workers, "
+        f"{arguments.clients} client processes at {arguments.rate:g} checks/s; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"  faults: {restarts} Redis restarts, {kills} worker kills, {arguments.publishes} "
+        f"publishes ({VARIANT_TEXT}), {HOT_TENANT} at {HOT_FACTOR}x its limit for "
+        f"{hot_seconds:.0f} s"
+    )
+    print(
+        "  schedule (s after start): "
+        + ", ".join(f"{fault.kind} {fault.at:.0f}" for fault in sorted(faults, key=lambda f: f.at))
+    )
+
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, _interrupted)
+    directory = Path(tempfile.mkdtemp(prefix="quota-soak-"))
+    database = Database(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/quota_platform")
+    )
+    redis_server = RedisServer(directory)
+    port = _free_port()
+    environ = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("QUOTA_", "BILLING_", "CELERY_", "GUNICORN_", "DJANGO_"))
+    }
+    environ.update(
+        {
+            "DATABASE_URL": database.url,
+            "REDIS_URL": redis_server.url,
+            "SECRET_KEY": "soak-" + secrets.token_hex(24),
+            "DEBUG": "false",
+            "VAR_DIR": str(directory / "var"),
+            "PORT": str(port),
+            "WEB_CONCURRENCY": str(arguments.workers),
+            "PROMETHEUS_MULTIPROC_DIR": str(directory / "metrics"),
+            "LOG_LEVEL": "warning",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    (directory / "var").mkdir()
+    (directory / "metrics").mkdir()
+    web = Service(
+        "gunicorn",
+        [sys.executable, "-m", "gunicorn", "-c", "quota_platform/gunicorn.conf.py"],
+        environ,
+        directory / "gunicorn.log",
+    )
+    worker = Service(
+        "celery worker -B",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "quota_platform",
+            "worker",
+            "-B",
+            "--loglevel=info",
+            "--schedule",
+            str(directory / "var" / "celerybeat-schedule"),
+        ],
+        environ,
+        directory / "celery.log",
+    )
+    soak: Soak | None = None
+    succeeded = False
+    began = time.monotonic()
+    try:
+        redis_server.start()
+        database.create()
+        _manage(environ, "migrate", "--noinput")
+        _manage(environ, "collectstatic", "--noinput", "-v", "0")
+        policy_path = directory / "policy-00.json"
+        policy_path.write_text(json.dumps(policy_document(arguments.tenants, variant=False)))
+        _manage(environ, "loadpolicy", str(policy_path))
+        keys = json.loads(_manage(environ, "shell", "-c", CREATE_KEYS).splitlines()[-1])
+        with psycopg.connect(database.url) as connection:
+            tenant_ids = dict(connection.execute("SELECT slug, id FROM limits_tenant").fetchall())
+        web.start()
+        worker.start()
+        _wait_healthy(web, port)
+        print(
+            f"  set up in {time.monotonic() - began:.0f} s: redis-server pid {redis_server.pid} "
+            f"port {redis_server.port}, database {database.name}, gunicorn pid {web.pid} "
+            f"port {port}, celery pid {worker.pid}",
+            flush=True,
+        )
+        context = multiprocessing.get_context("fork")
+        soak = Soak(
+            arguments=arguments,
+            directory=directory,
+            environ=environ,
+            redis_server=redis_server,
+            web=web,
+            worker=worker,
+            port=port,
+            keys=keys,
+            tenant_ids=tenant_ids,
+            record=Record(),
+            phase=context.Value("i", WARM_UP, lock=False),
+        )
+        soak.record.phases.append((time.time(), WARM_UP))
+        start = time.time()
+        soak.start_clients(arguments.clients, arguments.rate, deadline=start + seconds, hot=False)
+        time.sleep(WARM_UP_SECONDS)
+        soak.set_phase(STEADY)
+        publishes = 0
+        for fault in sorted(faults, key=lambda f: f.at):
+            soak.wait_until(start + fault.at)
+            print(f"  {time.time() - start:6.1f} s  {fault.kind}", flush=True)
+            if fault.kind == "publish":
+                publishes += 1
+                soak.publish(publishes)
+            elif fault.kind == "redis":
+                soak.restart_redis(fault.pause)
+            elif fault.kind == "worker":
+                soak.kill_worker(fault.pause)
+            else:
+                soak.hot_phase(hot_seconds)
+        soak.wait_until(start + seconds)
+        for process in soak.clients:
+            process.join(timeout=30)
+        soak.watch_worker()
+        soak.record.phases.append((time.time(), ENDED))
+        soak.metrics = _metrics(port)
+        worker.stop()
+        drained = drain_all(soak)
+        answers = read_logs(directory)
+        print(f"\nsoak: traffic and faults done after {(time.time() - start) / 60:.1f} min")
+        for note in soak.record.notes:
+            print(f"  note: {note}")
+        for moment, status in soak.record.deaths:
+            print(
+                f"  note: the Celery worker exited by itself at {_clock(moment)} "
+                f"(status {status}, {moment - start:.0f} s in); the soak restarted it"
+            )
+        succeeded = report(soak, answers, drained)
+        service_errors(soak)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if soak is not None:
+            soak.stop_clients()
+        for service in (web, worker, redis_server):
+            try:
+                service.stop()
+            except Exception as error:  # noqa: BLE001 - stop the others all the same
+                print(f"soak: stopping {service.name}: {error}", file=sys.stderr)
+        try:
+            database.drop()
+        except psycopg.Error as error:
+            print(f"soak: dropping {database.name}: {error}", file=sys.stderr)
+        if arguments.keep_logs:
+            shutil.copytree(directory, arguments.keep_logs, dirs_exist_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        print(f"soak: {(time.monotonic() - began) / 60:.1f} min in all; seed {arguments.seed}")
+    sys.exit(0 if succeeded else 1)
+
+
+if __name__ == "__main__":
+    main()
