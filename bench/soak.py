@@ -1264,6 +1264,12 @@ def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> boo
     unexplained = missing - at_risk_checks
     extra_ids = billed - sent
     extra_degraded = sum(1 for key in extra_ids if key in by_id and by_id[key].degraded)
+    # A check whose Redis call outlived QUOTA_REDIS_TIMEOUT_MS may have run all the same:
+    # answered by the fail mode, yet consumed and recorded. Denied so, it is billed for a
+    # request its caller was told not to make.
+    denied_billed = sum(
+        1 for key in extra_ids if key in by_id and by_id[key].degraded and by_id[key].allowed == 0
+    )
     extra_no_answer = sum(1 for key in extra_ids if key in by_id and by_id[key].status != 200)
     extra_denied = sum(
         1
@@ -1297,7 +1303,11 @@ def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> boo
         ["  billed twice or more", doubled],
         ["sent, not billed: undrained when Redis restarted (no persistence)", len(lost_restart)],
         ["sent, not billed: otherwise", len(unexplained)],
-        ["billed, not sent: degraded answers (the script ran; the app timed out)", extra_degraded],
+        [
+            "billed, not sent: answered degraded, allowed (open/local)",
+            extra_degraded - denied_billed,
+        ],
+        ["billed, not sent: answered degraded, DENIED (closed)", denied_billed],
         ["billed, not sent: no answer / not 200", extra_no_answer],
         ["billed, not sent: answered denied", extra_denied],
         ["billed, not sent: never asked", extra_unknown],
@@ -1328,8 +1338,11 @@ def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> boo
         failures.append(f"{doubled} events billed twice")
     if unexplained:
         failures.append(f"{len(unexplained)} events lost without a Redis restart")
-    if extra_denied or extra_unknown:
-        failures.append(f"{extra_denied + extra_unknown} events billed for checks not allowed")
+    if extra_denied or extra_unknown or denied_billed:
+        failures.append(
+            f"{extra_denied + extra_unknown + denied_billed} events billed for checks answered "
+            "denied or never answered allowed"
+        )
     if lost_commit:
         failures.append(f"{lost_commit} acknowledged commits missing from billing")
     if record.deaths:
@@ -1337,7 +1350,9 @@ def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> boo
     print("\nGoals")
     print(f"  no 5xx, but 503 while Redis is down: {'met' if not unexpected_5xx else 'NOT met'}")
     print(f"  no over-admission: {'met' if not over_total else 'NOT met'}")
-    billing_met = not (doubled or unexplained or extra_denied or extra_unknown or lost_commit)
+    billing_met = not (
+        doubled or unexplained or extra_denied or extra_unknown or denied_billed or lost_commit
+    )
     print(
         "  every event billed once, loss only with a Redis restart: "
         f"{'met' if billing_met else 'NOT met'}"
