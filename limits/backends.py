@@ -21,7 +21,10 @@ import hiredis
 import redis
 from django.conf import settings
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
+
+from limits.redis_client import Client, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ class LimitSpec:
     ttl_ms: str  # key TTL: windows twice the window, leases the lease + 1 ms; "" for budgets
     shadow: bool
     label: str
+    # A class's global capacity: its keys carry the class's hash tag, not the tenant's, and
+    # on a Redis Cluster they are decided in a call of their own (capacity.lua).
+    is_global: bool = False
 
     def weight(self, tokens: int, cost: int) -> int:
         """What one check adds: one request or lease, its tokens, or its cost."""
@@ -165,26 +171,49 @@ class LoadedScript:
 class RedisBackend:
     """Counts in Redis: one EVALSHA per check, behind a circuit breaker.
 
-    The scripts go out on a connection of the calling thread's own, packed by hiredis and
-    read by redis-py's hiredis parser: redis-py's client and pool machinery around one
-    command (retry wrapper, pool bookkeeping and its readiness poll, observability hooks)
-    cost more than the round trip itself. The connection is redis-py's, made from the same
-    URL and options as the client's, so authentication, TLS and the database are alike.
+    On one Redis the scripts go out on a connection of the calling thread's own, packed by
+    hiredis and read by redis-py's hiredis parser: redis-py's client and pool machinery
+    around one command (retry wrapper, pool bookkeeping and its readiness poll,
+    observability hooks) cost more than the round trip itself. The connection is redis-py's,
+    made from the same URL and options as the client's, so authentication, TLS and the
+    database are alike.
+
+    On a Redis Cluster (``REDIS_CLUSTER``) every call goes through redis-py's cluster
+    client, which sends it to the node that owns its keys' slot and follows MOVED and ASK.
+    A check of a class with a global capacity takes that capacity first in a call of its
+    own (``capacity.lua`` on the class's slot), then runs ``check.lua`` on the tenant's
+    slot, and gives the capacity back when that call denies or fails (see docs/engine.md).
     """
 
     def __init__(self, url: str) -> None:
         timeout = settings.QUOTA_REDIS_TIMEOUT_MS / 1000
-        # A dead pooled connection (Redis restarted) is retried once at once; a timeout is
-        # not, so an outage costs one timeout, not several.
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            decode_responses=True,
-        )
+        self.is_cluster = bool(settings.REDIS_CLUSTER)
+        if self.is_cluster:
+            # The cluster client's own retries would send a command again after a timeout
+            # too: none there. ``_cluster_evalsha`` retries a dead connection once, as the
+            # single-Redis path does.
+            self.client: Client = redis_client(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                decode_responses=True,
+            )
+        else:
+            # A dead pooled connection (Redis restarted) is retried once at once; a timeout
+            # is not, so an outage costs one timeout, not several.
+            single = redis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                decode_responses=True,
+            )
+            self.client = single
+            self._pool = single.connection_pool
         self.check_script = LoadedScript.read("check.lua")
         self.commit_script = LoadedScript.read("commit.lua")
+        self.capacity_script = LoadedScript.read("capacity.lua")
         self._open_until = 0.0
         self._probe = threading.Lock()
         self._local = threading.local()
@@ -202,7 +231,7 @@ class RedisBackend:
     def _connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
         if connection is None:
-            pool = self.client.connection_pool
+            pool = self._pool
             connection = pool.connection_class(**pool.connection_kwargs)
             self._local.connection = connection
             with self._connections_lock:
@@ -231,6 +260,24 @@ class RedisBackend:
                 loaded = True
             except redis.ConnectionError:
                 # redis-py has closed the connection; the next send opens a new one.
+                if retried:
+                    raise
+                retried = True
+
+    def _cluster_evalsha(self, script: LoadedScript, keys: list[str], args: list[Any]) -> Any:
+        """One EVALSHA through the cluster client, on the node that owns the keys' slot. A
+        node that does not know the script (restarted, flushed, newly promoted) gets it
+        with every other primary; a dead connection is retried once, a timeout is not."""
+        retried = loaded = False
+        while True:
+            try:
+                return self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                if loaded:
+                    raise
+                self.client.script_load(script.source)
+                loaded = True
+            except redis.ConnectionError:
                 if retried:
                     raise
                 retried = True
@@ -268,22 +315,73 @@ class RedisBackend:
 
     # -- calls -----------------------------------------------------------------------
     def check(self, call: CheckCall) -> Answer:
-        args = [
-            _clock_arg(),
-            call.member,
-            call.mode,
-            call.record_ttl_ms,
-            call.event,
-            call.denied_label,
-            call.prices,
-            call.tokens,
-            call.cost,
-            *call.limit_args,
-        ]
-        reply = self._call(self.evalsha, self.check_script, call.keys, args)
+        if self.is_cluster:
+            reply = self._call(self._cluster_check, call)
+        else:
+            args = [
+                _clock_arg(),
+                call.member,
+                call.mode,
+                call.record_ttl_ms,
+                call.event,
+                call.denied_label,
+                call.prices,
+                call.tokens,
+                call.cost,
+                *call.limit_args,
+            ]
+            reply = self._call(self.evalsha, self.check_script, call.keys, args)
         if reply[0] == 2:
             return reply[1].split(";"), True
         return reply, False
+
+    def _cluster_check(self, call: CheckCall) -> list[Any]:
+        """check.lua on the tenant's slot; a class's global capacity first, on its own."""
+        if not any(spec.is_global for spec in call.limits):
+            return self._cluster_evalsha(
+                self.check_script, call.keys, _check_args(call, call.limit_args)
+            )
+        split = _CapacitySplit.of(call)
+        clock = _clock_arg()
+        taken = self._cluster_evalsha(
+            self.capacity_script,
+            split.capacity_keys,
+            [clock, "take", call.member, call.mode, call.tokens, *split.take_args],
+        )
+        reserved_at, outcomes = int(taken[0]), taken[2:]
+        limit_args = split.limit_args(call, outcomes)
+        added = [str(outcomes[4 * index + 2]) for index in range(len(split.capacity))]
+        try:
+            reply = self._cluster_evalsha(
+                self.check_script, split.tenant_keys, _check_args(call, limit_args, clock)
+            )
+        except redis.RedisError:
+            self._give_back(call, split, added)
+            raise
+        if "1" in added:
+            if reply[0] == 2:
+                added = split.not_counted_by(reply[1], reserved_at, added)
+            elif reply[0] == 1:
+                added = []  # counted: the capacity stays taken
+            if "1" in added:
+                self._give_back(call, split, added)
+        return reply
+
+    def _give_back(self, call: CheckCall, split: _CapacitySplit, added: list[str]) -> None:
+        """Undo a take. When even that fails, the units stay taken until they leave their
+        window (or lease): the capacity is then briefly under-used, never exceeded."""
+        if "1" not in added:
+            return
+        args: list[Any] = [_clock_arg(), "give", call.member, call.tokens, len(added)]
+        for spec, flag in zip(split.capacity, added, strict=True):
+            args += [spec.kind, flag]
+        try:
+            self._cluster_evalsha(self.capacity_script, split.capacity_keys, args)
+        except redis.RedisError as error:
+            from limits import metrics
+
+            metrics.REDIS_ERRORS.labels(error=type(error).__name__).inc()
+            logger.warning("global capacity not given back (held until it expires): %s", error)
 
     def stored_request(self, record_key: str) -> StoredRequest | None:
         consumed, extra, decision, settled = self._call(
@@ -294,10 +392,37 @@ class RedisBackend:
         return StoredRequest(consumed=consumed or "", extra=extra or "", settled=settled)
 
     def commit(self, call: CommitCall, stored: StoredRequest) -> tuple[int, str]:
-        keys = [call.record_key, call.stream_key, *consumed_keys(stored.consumed)]
         args = [_clock_arg(), call.member, call.tokens, call.cost, call.summary, call.event]
-        reply = self._call(self.evalsha, self.commit_script, keys, args)
+        if self.is_cluster:
+            reply = self._call(self._cluster_commit, call, stored, args)
+        else:
+            keys = [call.record_key, call.stream_key, *consumed_keys(stored.consumed)]
+            reply = self._call(self.evalsha, self.commit_script, keys, args)
         return int(reply[0]), (str(reply[1]) if len(reply) > 1 else "")
+
+    def _cluster_commit(self, call: CommitCall, stored: StoredRequest, args: list[Any]) -> Any:
+        """Global capacity lines settled on their class's slot first, then commit.lua on the
+        tenant's, which passes over lines whose keys it is not given. Settling capacity
+        twice changes nothing more, so a report sent again after a failure is safe."""
+        home = key_slot(call.record_key.encode())
+        tenant_lines: list[str] = []
+        elsewhere: dict[int, list[str]] = {}
+        for line in stored.consumed.split("\n"):
+            if not line:
+                continue
+            slot = key_slot(line.split("\t", 2)[1].encode())
+            if slot == home:
+                tenant_lines.append(line)
+            else:
+                elsewhere.setdefault(slot, []).append(line)
+        for lines in elsewhere.values():
+            self._cluster_evalsha(
+                self.capacity_script,
+                consumed_keys("\n".join(lines)),
+                [args[0], "settle", call.member, call.tokens, *lines],
+            )
+        keys = [call.record_key, call.stream_key, *consumed_keys("\n".join(tenant_lines))]
+        return self._cluster_evalsha(self.commit_script, keys, args)
 
     def delete(self, keys: list[str]) -> int:
         return int(self._call(self.client.unlink, *keys)) if keys else 0
@@ -305,6 +430,92 @@ class RedisBackend:
 
 def _packed(*parts: Any) -> bytes:
     return hiredis.pack_command(parts)
+
+
+def _check_args(
+    call: CheckCall, limit_args: tuple[str, ...], clock: str | None = None
+) -> list[Any]:
+    """check.lua's ARGV (the single-Redis path lays them out in line)."""
+    return [
+        _clock_arg() if clock is None else clock,
+        call.member,
+        call.mode,
+        call.record_ttl_ms,
+        call.event,
+        call.denied_label,
+        call.prices,
+        call.tokens,
+        call.cost,
+        *limit_args,
+    ]
+
+
+class _CapacitySplit(NamedTuple):
+    """A check's limits parted for a cluster: the tenant's, and the class's global capacity
+    (``capacity.lua``'s KEYS and ARGV), with where each capacity limit sits in the plan."""
+
+    tenant_keys: list[str]
+    capacity_keys: list[str]
+    capacity: list[LimitSpec]
+    positions: list[int]  # each capacity limit's index in ``call.limits``
+    take_args: list[Any]
+
+    @classmethod
+    def of(cls, call: CheckCall) -> _CapacitySplit:
+        tenant_keys = call.keys[:4]
+        capacity_keys: list[str] = []
+        capacity: list[LimitSpec] = []
+        positions: list[int] = []
+        take_args: list[Any] = []
+        index = 4
+        for position, spec in enumerate(call.limits):
+            width = 2 if spec.kind == "t" else 1
+            keys = call.keys[index : index + width]
+            index += width
+            if spec.is_global:
+                capacity_keys += keys
+                capacity.append(spec)
+                positions.append(position)
+            else:
+                tenant_keys += keys
+        take_args.append(len(capacity))
+        for spec in capacity:
+            take_args += [spec.kind, spec.limit, spec.span, spec.ttl_ms, int(spec.shadow)]
+        return cls(tenant_keys, capacity_keys, capacity, positions, take_args)
+
+    def limit_args(self, call: CheckCall, outcomes: list[Any]) -> tuple[str, ...]:
+        """check.lua's limits with each capacity limit replaced by what the take decided
+        (kind "x": its wait, where it stands either way, the line to record)."""
+        args = list(call.limit_args)
+        for number, (spec, position) in enumerate(zip(self.capacity, self.positions, strict=True)):
+            wait, standing, _added, line = outcomes[4 * number : 4 * number + 4]
+            base = 1 + 6 * position
+            args[base : base + 6] = [
+                "x",
+                str(spec.limit),
+                str(wait),
+                f"{standing}\n{line}" if line else str(standing),
+                "1" if spec.shadow else "0",
+                spec.label,
+            ]
+        return tuple(args)
+
+    def not_counted_by(self, stored: str, reserved_at: int, added: list[str]) -> list[str]:
+        """Of the units a take added, those a repeated request id's first decision does not
+        count. Every check of a request id shares one member in the capacity sets, so a
+        unit this take added may be the one the stored decision stands on: a concurrent
+        check of the same id that found it there, or this very call sent again after a
+        dropped connection. That holds while the stored decision was allowed and its unit
+        would still be in its window (or lease); otherwise the unit is this repeat's own."""
+        values = stored.split(";")
+        counted = values[0] == "1"
+        decided_at = int(values[1])
+        return [
+            "1"
+            if flag == "1" and not (counted and decided_at + int(spec.span) > reserved_at)
+            else "0"
+            for spec, flag in zip(self.capacity, added, strict=True)
+        ]
 
 
 def _clock_arg() -> str:

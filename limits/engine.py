@@ -370,7 +370,8 @@ def _spec(item: PlannedLimit) -> LimitSpec:
         ttl = str(int(item.span) // 1000 + 1)  # past the lease that expires last
     else:
         ttl = ""  # budgets: worked out from the period in the script
-    return LimitSpec(item.kind, item.limit, item.span, ttl, item.shadow, item.label)
+    is_global = item.state.scope == "global"
+    return LimitSpec(item.kind, item.limit, item.span, ttl, item.shadow, item.label, is_global)
 
 
 # -- process state ---------------------------------------------------------------------

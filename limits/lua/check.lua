@@ -26,6 +26,12 @@ ARGV[11…] per limit 6 values: kind ("r" requests, "t" tokens, "c" concurrency,
          budget, "m" money budget), limit, span (window in µs; lease in µs for "c"; "d" or
          "m" period for budgets), key TTL in ms (windows twice the window, leases the lease
          + 1 ms, "" for budgets), shadow ("1" never denies), label
+         On a Redis Cluster a class's global capacity lives in another slot: capacity.lua has
+         decided it first, and it comes here as kind "x" with no key, its span the wait
+         ("" when it fits), its TTL field "<used> <reset> <used> <reset>" (where it stands
+         if this check is not counted, then if it is), a line break and the line to record
+         for commit (may be empty). Its result goes into the answer and the record in its
+         place, so a repeated request id answers it as on one Redis.
 
 Returns {status, now, denied index, retry µs (-1 none, -2 never), used_1, reset_1, …, shadow
 denied mask "i,j,"} where status is 1 allowed, 0 denied; or {2, stored} for a repeated request
@@ -169,9 +175,11 @@ for i = 1, count do
     ttl = ARGV[base + 4],
     shadow = ARGV[base + 5] == "1",
     label = ARGV[base + 6],
-    key = KEYS[key_index],
   }
-  key_index = key_index + 1
+  if kind ~= "x" then
+    item.key = KEYS[key_index]
+    key_index = key_index + 1
+  end
   local weight = 1
   if kind == "t" or kind == "k" then
     weight = tokens
@@ -214,6 +222,12 @@ for i = 1, count do
   elseif kind == "c" then
     item.oldest = trim(item.key, now, false)
     item.used = item.oldest and call("ZCARD", item.key) or 0
+  elseif kind == "x" then
+    local kept_used, kept_reset, counted_used, counted_reset, line =
+      string.match(item.ttl, "^(%S+) (%S+) (%S+) (%S+)\n?(.*)$")
+    item.used, item.kept_reset = tonumber(kept_used), tonumber(kept_reset)
+    item.counted_used, item.counted_reset = tonumber(counted_used), tonumber(counted_reset)
+    item.line = line
   else
     item.field, item.period_end, item.stale_field = period_of(item.span)
     item.used = tonumber(call("HGET", item.key, item.field) or "0")
@@ -223,8 +237,11 @@ for i = 1, count do
   -- A check needs room for at least one unit even when it estimates no tokens: a spent
   -- token limit or budget denies every check, not only those that announce tokens.
   local room = math.max(needed, 1)
-  if item.used + room > item.limit and not peek then
-    local wait = -2
+  local wait
+  if kind == "x" then
+    if item.span ~= "" then wait = tonumber(item.span) end
+  elseif item.used + room > item.limit and not peek then
+    wait = -2
     if kind == "r" then
       local entry = call("ZRANGE", item.key, item.used - item.limit, item.used - item.limit,
         "WITHSCORES")
@@ -246,6 +263,8 @@ for i = 1, count do
     else
       if room <= item.limit then wait = item.period_end - now end
     end
+  end
+  if wait then
     if item.shadow then
       shadow_mask = shadow_mask .. i .. ","
     else
@@ -271,7 +290,14 @@ for i = 1, count do
   local used = item.used
   local oldest = item.oldest
   local reset = 0
-  if consume then
+  if kind == "x" then
+    if consume or (mode == "dry" and allowed) then
+      used, reset = item.counted_used, item.counted_reset
+      if consume and item.line ~= "" then consumed[#consumed + 1] = item.line end
+    else
+      reset = item.kept_reset
+    end
+  elseif consume then
     if kind == "r" then
       if call("ZADD", item.key, now_text, member) == 0 then
         -- The member was there already (a request id seen before its record): its score
@@ -328,7 +354,7 @@ for i = 1, count do
     end
   elseif kind == "c" then
     if oldest then reset = oldest - now end
-  else
+  elseif kind ~= "x" then
     reset = item.period_end - now
   end
   result[#result + 1] = used

@@ -4,7 +4,9 @@ commit.lua: settle an allowed check with what the inference really used.
 KEYS[1]  request record (hash) written by check.lua
 KEYS[2]  usage event stream of the tenant
 KEYS[3…] the keys named by the record's consumed entries, in their order (a token window
-         gives its sorted set and its running sum)
+         gives its sorted set and its running sum). On a Redis Cluster the entries of a
+         class's global capacity (another slot) are left out; an entry whose key is not the
+         next one given is passed over.
 
 ARGV[1]  time override in microseconds, or "" to use Redis TIME (tests only)
 ARGV[2]  member: the request id qualified by its tenant, as check.lua stored it
@@ -55,7 +57,13 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
     fields[#fields + 1] = field
   end
   local kind = fields[1]
-  if kind == "t" then
+  if fields[2] ~= KEYS[key_index] then
+    -- Not given: a global capacity key in another cluster slot, settled by capacity.lua.
+    kind = nil
+  end
+  if kind == nil then
+    -- nothing here
+  elseif kind == "t" then
     local key, sum_key = KEYS[key_index], KEYS[key_index + 1]
     key_index = key_index + 2
     local weight, at, window = tonumber(fields[4]), tonumber(fields[5]), tonumber(fields[6])
