@@ -4,7 +4,9 @@ released together against one shared limit, admit exactly the limit, never one m
 The checking processes are started fresh (spawn) with the test settings, this test's key
 prefix and no reachable database: they enforce only what Redis tells them, as a second web
 server would. Each reports how many of its checks were admitted; Redis is then asked what it
-counted, so the callers and the store must agree too.
+counted, so the callers and the store must agree too. The engine's races run on one Redis and
+on a three-primary Redis Cluster (fewer attempts there: the race is at the limit, and every
+attempt after it is one more denial).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 from django.conf import settings as django_settings
 
+from limits.redis_client import Client, redis_client
 from tests.processes import NO_DATABASE
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,12 @@ PROCESSES = 8
 THREADS = 4
 ATTEMPTS = 1000
 RUNS = 5
+# On the cluster the same number of racers in fewer processes, with fewer attempts and runs:
+# starting a process and every call through the cluster client cost several times what they
+# cost on one Redis on these two cores, and the race is decided at the limit anyway.
+CLUSTER_PROCESSES = 4
+CLUSTER_ATTEMPTS = 150
+CLUSTER_RUNS = 2
 # The checking processes and their threads share two cores with Redis here: a call may wait
 # longer than the production timeout for its turn on a CPU. Outages are the fail-mode tests'
 # subject; this one counts, so a slow answer must still be an answer (and none is degraded).
@@ -76,6 +84,8 @@ def _throttle_checks(prefix: str) -> Callable[[str], Any]:
 def checking_process(
     limiter: str,
     prefix: str,
+    redis_url: str,
+    is_cluster: bool,
     tenant_id: int,
     users: list[str],
     model: str,
@@ -92,6 +102,8 @@ def checking_process(
         os.environ["QUOTA_KEY_PREFIX"] = prefix
         os.environ["DATABASE_URL"] = NO_DATABASE
         os.environ["QUOTA_REDIS_TIMEOUT_MS"] = PATIENT_TIMEOUT_MS
+        os.environ["REDIS_URL"] = redis_url
+        os.environ["REDIS_CLUSTER"] = "true" if is_cluster else "false"
         import django
 
         django.setup()
@@ -171,6 +183,8 @@ def race(
             args=(
                 limiter,
                 django_settings.QUOTA_KEY_PREFIX,
+                django_settings.REDIS_URL,
+                django_settings.REDIS_CLUSTER,
                 tenant_id,
                 users,
                 model,
@@ -212,10 +226,10 @@ def race(
     return totals
 
 
-@pytest.fixture
-def shared_redis() -> Iterator[redis.Redis]:
-    """The Redis the engine uses; afterwards every key under this test's prefix goes."""
-    client = redis.Redis.from_url(django_settings.REDIS_URL, decode_responses=True)
+def _cleaned_up() -> Iterator[Client]:
+    """A client of the Redis in the settings; afterwards every key under this test's prefix
+    goes."""
+    client = redis_client(django_settings.REDIS_URL, decode_responses=True)
     yield client
     prefix = django_settings.QUOTA_KEY_PREFIX
     for pattern in (f"{prefix}:*", f"*:throttle_user_{prefix}-*"):
@@ -230,6 +244,20 @@ def shared_redis() -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture
+def shared_redis() -> Iterator[Client]:
+    """The single Redis of the test settings (DRF's cache lives there)."""
+    yield from _cleaned_up()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def engine_redis(request) -> Iterator[Client]:
+    """The Redis the engine races on: the single one, or a three-primary cluster."""
+    if request.param == "cluster":
+        request.getfixturevalue("on_cluster")
+    yield from _cleaned_up()
+
+
 def publish() -> int:
     """Records the policy of the test database and puts it into Redis for every process."""
     from limits import engine, services
@@ -240,62 +268,67 @@ def publish() -> int:
     return int(version.version)
 
 
-def window_keys(client: redis.Redis, metric: str, user: str) -> list[str]:
+def window_keys(client: Client, metric: str, user: str) -> list[str]:
     pattern = f"{django_settings.QUOTA_KEY_PREFIX}:*:w:{metric}:*:u:{user}:*"
     return sorted(client.scan_iter(match=pattern, count=1000))
 
 
 def test_thirty_two_racing_checkers_admit_exactly_the_request_limit_run_after_run(
-    world, shared_redis
+    world, engine_redis
 ):
     publish()
-    users = [f"racer-{run}" for run in range(RUNS)]
+    processes, threads, attempts, runs = (PROCESSES, THREADS, ATTEMPTS, RUNS)
+    if django_settings.REDIS_CLUSTER:
+        processes, attempts, runs = CLUSTER_PROCESSES, CLUSTER_ATTEMPTS, CLUSTER_RUNS
+        threads = PROCESSES * THREADS // processes
+    users = [f"racer-{run}" for run in range(runs)]
 
     totals = race(
         tenant_id=world.alice.pk,
         users=users,
         model="gpt-4o",
         tokens=0,
-        processes=PROCESSES,
-        threads=THREADS,
-        attempts=ATTEMPTS,
+        processes=processes,
+        threads=threads,
+        attempts=attempts,
     )
 
-    attempts = PROCESSES * THREADS * ATTEMPTS
-    assert totals == {user: Tally(100, attempts - 100, 0) for user in users}
+    checks = processes * threads * attempts
+    assert totals == {user: Tally(100, checks - 100, 0) for user in users}
     for user in users:
-        (key,) = window_keys(shared_redis, "requests", user)
-        assert shared_redis.zcard(key) == 100
+        (key,) = window_keys(engine_redis, "requests", user)
+        assert engine_redis.zcard(key) == 100
 
 
 def test_fifty_simultaneous_token_checks_admit_exactly_what_the_token_limit_holds(
-    world, shared_redis
+    world, engine_redis
 ):
     from limits.models import Metric
     from tests.factories import LimitRuleFactory
 
     LimitRuleFactory(tier=world.tier, metric=Metric.TOKENS, limit=10_000, window_seconds=3600)
     publish()
-    users = [f"spender-{run}" for run in range(RUNS)]
+    processes, runs = (2, CLUSTER_RUNS) if django_settings.REDIS_CLUSTER else (5, RUNS)
+    users = [f"spender-{run}" for run in range(runs)]
 
     totals = race(
         tenant_id=world.alice.pk,
         users=users,
         model="gpt-4o",
         tokens=1000,
-        processes=5,
-        threads=10,
+        processes=processes,
+        threads=50 // processes,
         attempts=1,
     )
 
     assert totals == {user: Tally(10, 40, 0) for user in users}
     for user in users:
-        token_window, token_sum = window_keys(shared_redis, "tokens", user)
+        token_window, token_sum = window_keys(engine_redis, "tokens", user)
         assert token_sum.endswith(":sum")
-        assert shared_redis.zcard(token_window) == 10
-        assert shared_redis.get(token_sum) == "10000"
-        (request_window,) = window_keys(shared_redis, "requests", user)
-        assert shared_redis.zcard(request_window) == 10
+        assert engine_redis.zcard(token_window) == 10
+        assert engine_redis.get(token_sum) == "10000"
+        (request_window,) = window_keys(engine_redis, "requests", user)
+        assert engine_redis.zcard(request_window) == 10
 
 
 def test_the_same_race_catches_a_limiter_that_reads_then_writes(world, shared_redis):
