@@ -1016,14 +1016,12 @@ def billed_events(database_url: str) -> tuple[dict[tuple[str, str], list[Any]], 
         ).fetchall()
         for slug, request_id, input_tokens, output_tokens, is_estimate in rows:
             events[(slug, request_id)].append((input_tokens, output_tokens, is_estimate))
-        extra = {
-            "pending_commits": connection.execute(
-                "SELECT count(*) FROM billing_pendingcommit"
-            ).fetchone()[0],
-            "versions": connection.execute("SELECT count(*) FROM limits_policyversion").fetchone()[
-                0
-            ],
-        }
+        pending = connection.execute(
+            "SELECT t.slug, p.request_id "
+            "FROM billing_pendingcommit p JOIN limits_tenant t ON t.id = p.tenant_id"
+        ).fetchall()
+        versions = connection.execute("SELECT count(*) FROM limits_policyversion").fetchone()
+        extra = {"pending_commits": {tuple(row) for row in pending}, "versions": versions[0]}
     return events, extra
 
 
@@ -1108,6 +1106,17 @@ def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> boo
             rows,
         )
     )
+    degraded_times = sorted(a.sent for a in answers if a.kind == "check" and a.degraded)
+    up_503 = [a for a in answers if a.status == 503 and not during_outage(a, OUTAGE_503_TAIL)]
+    if up_503:
+        beside = 0
+        for answer in up_503:
+            index = bisect.bisect_left(degraded_times, answer.sent - 1.5)
+            beside += index < len(degraded_times) and degraded_times[index] <= answer.sent + 1.5
+        print(
+            f"  503 with Redis up: {beside} of {len(up_503)} within 1.5 s of a degraded check "
+            "(a worker's breaker open after a Redis call outlived QUOTA_REDIS_TIMEOUT_MS)"
+        )
     other_statuses = Counter(
         (answer.kind, answer.status) for answer in answers if answer.status not in (0, 200)
     )
@@ -1258,6 +1267,7 @@ def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> boo
         if _overlaps(answer.sent, answer.ended, windows):
             at_risk_commits.add((answer.tenant, answer.request_id))
     billed = set(events)
+    pending_commits = extra["pending_commits"]
     doubled = sum(1 for rows_ in events.values() if len(rows_) > 1)
     missing = sent - billed
     lost_restart = missing & at_risk_checks
@@ -1314,14 +1324,38 @@ def report(soak: Soak, answers: list[Answer], drained: tuple[int, float]) -> boo
         ["commits answered 200, billed with their actuals", applied],
         ["commits answered 200, not in billing: undrained at a Redis restart", lost_commit_restart],
         ["commits answered 200, not in billing: otherwise", lost_commit],
-        ["commits still waiting for their check (PendingCommit)", extra["pending_commits"]],
+        ["commits waiting for a check lost with a Redis restart (PendingCommit)"]
+        + [len(pending_commits & at_risk_checks)],
+        ["commits waiting for a check, otherwise (PendingCommit)"]
+        + [len(pending_commits - at_risk_checks)],
         [f"policy versions (1 + {len(record.publishes)} publishes)", extra["versions"]],
     ]
     print(table(["", "count"], rows))
-    for label, keys in (("sent, not billed", unexplained), ("billed, never asked", extra_ids)):
-        sample = sorted(keys)[:5]
-        if sample and (label != "billed, never asked" or extra_unknown):
-            print(f"  {label}, e.g.: " + ", ".join(f"{t}/{r}" for t, r in sample))
+    denied_billed_ids = {key for key in extra_ids if key in by_id and by_id[key].degraded}
+    denied_billed_ids = {key for key in denied_billed_ids if by_id[key].allowed == 0}
+    for label, keys in (
+        ("sent, not billed otherwise", unexplained),
+        ("billed, answered degraded and denied", denied_billed_ids),
+        (
+            "billed, answered denied",
+            {
+                key
+                for key in extra_ids
+                if key in by_id and by_id[key].allowed == 0 and not by_id[key].degraded
+            },
+        ),
+        ("billed, never asked", {key for key in extra_ids if key not in by_id}),
+        ("waiting for a check, otherwise", pending_commits - at_risk_checks),
+    ):
+        for key in sorted(keys)[:5]:
+            answer = by_id.get(key)
+            seen = (
+                f"sent {_clock(answer.sent)}, answered in {answer.latency * 1000:.0f} ms, "
+                f"allowed {answer.allowed}, degraded {int(answer.degraded)}"
+                if answer
+                else "not in the decision log"
+            )
+            print(f"  {label}: {key[0]}/{key[1]}: {seen}")
 
     print("\nThe platform's own counters (/metrics, summed over the gunicorn workers)")
     for line in soak.metrics.splitlines():
