@@ -188,18 +188,10 @@ class RedisBackend:
     def __init__(self, url: str) -> None:
         timeout = settings.QUOTA_REDIS_TIMEOUT_MS / 1000
         self.is_cluster = bool(settings.REDIS_CLUSTER)
-        if self.is_cluster:
-            # The cluster client's own retries would send a command again after a timeout
-            # too: none there. ``_cluster_evalsha`` retries a dead connection once, as the
-            # single-Redis path does.
-            self.client: Client = redis_client(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=True,
-            )
-        else:
+        self._url = url
+        self._cluster_lock = threading.Lock()
+        self.client: Client | None = None  # made on first use on a cluster: see ``_client``
+        if not self.is_cluster:
             # A dead pooled connection (Redis restarted) is retried once at once; a timeout
             # is not, so an outage costs one timeout, not several.
             single = redis.Redis.from_url(
@@ -220,8 +212,33 @@ class RedisBackend:
         self._connections: list[Any] = []
         self._connections_lock = threading.Lock()
 
+    def _client(self) -> Client:
+        """The client. A cluster client learns the cluster's layout when it is made, and
+        cannot be made while no node answers: it is made on first use, inside the breaker,
+        so that a process started during an outage answers by the fail mode meanwhile."""
+        client = self.client
+        if client is None:
+            with self._cluster_lock:
+                if self.client is None:
+                    try:
+                        # The cluster client's own retries would send a command again after
+                        # a timeout too: none there. ``_cluster_evalsha`` retries a dead
+                        # connection once, as the single-Redis path does.
+                        self.client = redis_client(
+                            self._url,
+                            socket_timeout=settings.QUOTA_REDIS_TIMEOUT_MS / 1000,
+                            socket_connect_timeout=settings.QUOTA_REDIS_TIMEOUT_MS / 1000,
+                            retry=Retry(NoBackoff(), 0),
+                            decode_responses=True,
+                        )
+                    except redis.exceptions.RedisClusterException as error:
+                        raise redis.ConnectionError(str(error)) from error
+                client = self.client
+        return client
+
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         with self._connections_lock:
             for connection in self._connections:
                 connection.disconnect()
@@ -271,11 +288,11 @@ class RedisBackend:
         retried = loaded = False
         while True:
             try:
-                return self.client.evalsha(script.sha, len(keys), *keys, *args)
+                return self._client().evalsha(script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 if loaded:
                     raise
-                self.client.script_load(script.source)
+                self._client().script_load(script.source)
                 loaded = True
             except redis.ConnectionError:
                 if retried:
@@ -385,7 +402,7 @@ class RedisBackend:
 
     def stored_request(self, record_key: str) -> StoredRequest | None:
         consumed, extra, decision, settled = self._call(
-            self.client.hmget, record_key, "c", "x", "d", "s"
+            lambda: self._client().hmget(record_key, "c", "x", "d", "s")
         )
         if decision is None or not str(decision).startswith("1;"):
             return None
@@ -425,7 +442,7 @@ class RedisBackend:
         return self._cluster_evalsha(self.commit_script, keys, args)
 
     def delete(self, keys: list[str]) -> int:
-        return int(self._call(self.client.unlink, *keys)) if keys else 0
+        return int(self._call(lambda: self._client().unlink(*keys))) if keys else 0
 
 
 def _packed(*parts: Any) -> bytes:

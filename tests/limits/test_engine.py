@@ -49,6 +49,10 @@ def backend(request, settings) -> str:
     """Redis, the in-process twin, or a three-primary Redis Cluster (where a class's global
     capacity is decided in a call of its own)."""
     if request.param == "cluster":
+        # Each test's engine makes a new cluster client, which asks a node for the layout
+        # and may load scripts on every primary; on two cores shared with three nodes that
+        # can outlast the production timeout. Outages are test_failmodes' subject.
+        settings.QUOTA_REDIS_TIMEOUT_MS = 1000
         request.getfixturevalue("on_cluster")
     else:
         settings.QUOTA_BACKEND = request.param

@@ -16,12 +16,14 @@ import redis
 from django.conf import settings as django_settings
 
 from limits import engine, services
+from limits.backends import BackendUnavailable
 from limits.engine import Decision
 from limits.models import Tenant
 from limits.policystore import _keys, policy_reconcile
 from limits.redis_client import redis_client
 from tests.conftest import World
 from tests.factories import LimitRuleFactory, TenantFactory
+from tests.processes import free_port
 
 
 def cluster_client() -> redis.RedisCluster:
@@ -245,3 +247,18 @@ def test_a_tenant_call_that_times_out_gives_the_global_capacity_back(
 
     assert decision.degraded and not decision.allowed  # the tier fails closed
     assert held == 1
+
+
+def test_a_limiter_made_while_no_cluster_node_answers_opens_its_breaker_instead_of_failing(
+    settings,
+):
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings.REDIS_CLUSTER = True
+    settings.QUOTA_BACKEND = "redis"
+    engine.reset_state()
+
+    limiter = engine.backend()  # the cluster's layout is not asked for yet
+
+    with pytest.raises(BackendUnavailable):
+        limiter.stored_request("any")
+    assert limiter.circuit_open
