@@ -479,7 +479,9 @@ def _limits_text(answer: dict[str, Any]) -> str:
 
 def run_client(plan: ClientPlan, phase: Any) -> None:
     """One client process: paced checks (each allowed one committed), some quota reads."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the soak stops its clients itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the soak stops its clients itself,
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # by SIGTERM (not the soak's handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     rng = random.Random(plan.seed)
     models = list(MODELS)
     shares = [MODELS[model][1] for model in models]
@@ -1462,7 +1464,8 @@ def main() -> None:
         + ", ".join(f"{fault.kind} {fault.at:.0f}" for fault in sorted(faults, key=lambda f: f.at))
     )
 
-    for number in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell starts background jobs with it ignored, and Python keeps that.
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _interrupted)
     directory = Path(tempfile.mkdtemp(prefix="quota-soak-"))
     database = Database(
@@ -1515,7 +1518,7 @@ def main() -> None:
         directory / "celery.log",
     )
     soak: Soak | None = None
-    succeeded = False
+    succeeded = interrupted = False
     began = time.monotonic()
     try:
         redis_server.start()
@@ -1588,6 +1591,9 @@ def main() -> None:
             )
         succeeded = report(soak, answers, drained)
         service_errors(soak)
+    except KeyboardInterrupt as stop:
+        print(f"\nsoak: interrupted ({stop}); stopping what it started", file=sys.stderr)
+        interrupted = True
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -1606,7 +1612,7 @@ def main() -> None:
             shutil.copytree(directory, arguments.keep_logs, dirs_exist_ok=True)
         shutil.rmtree(directory, ignore_errors=True)
         print(f"soak: {(time.monotonic() - began) / 60:.1f} min in all; seed {arguments.seed}")
-    sys.exit(0 if succeeded else 1)
+    sys.exit(130 if interrupted else 0 if succeeded else 1)
 
 
 if __name__ == "__main__":
