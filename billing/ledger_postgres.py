@@ -770,6 +770,13 @@ SELECT
 """  # noqa: S608
 
 
+# Where the last fold stopped and the newest event; the fold's hours and days are UTC's.
+_FOLD_FROM = f"""
+SELECT coalesce(max(position), 0), (SELECT max(id) FROM billing_usageevent)
+FROM billing_ledgerstate WHERE name = '{USERS_FOLDED}';
+SET LOCAL timezone = 'UTC'
+"""  # noqa: S608
+
 # The usage events written since the last fold (ids after ``after``, through ``through``) and
 # the deltas waiting, summed per bucket and added to the top-user rollups; the deltas deleted
 # and the mark moved, in one statement (under the ledger lock, so that no batch writes
@@ -869,20 +876,42 @@ def begin(staged: Staged) -> None:
         model_price_seed(model_id=model_id)
 
 
+# Compiling a statement this size to machine code (once its estimated cost passes
+# ``jit_above_cost``, as a batch of some 16,000 checks does) takes longer than running it.
+_UNJITTED = (("jit", "off"),)
+
+
+def _run_alone(cursor: Any, statement: str, settings: tuple[tuple[str, str], ...]) -> Any:
+    """``statement``'s first row, with ``settings`` changed for it alone: set before it and
+    put back to the session's values after it, in the same round trip, so that later
+    statements of the same transaction (a test's, or a caller's) are planned as usual.
+    ``statement`` carries its values (whole numbers only): several statements in one call
+    take no parameters."""
+    before = "; ".join(f"SET LOCAL {name} = {value}" for name, value in settings)
+    after = "; ".join(f"SET LOCAL {name} TO DEFAULT" for name, _ in settings)
+    cursor.execute(f"{before}; {statement}; {after}")
+    for _ in settings:
+        cursor.nextset()
+    return cursor.fetchone()
+
+
 def write_staged(staged: Staged, *, pending_limit: int) -> Written:
     """Write what ``begin`` staged. Raises ``NotAsWritten`` when the database refuses a
     value."""
     written = Written()
     with connection.cursor() as cursor:
         try:
-            cursor.execute(WRITE, {"pending": 0, "checks": staged.checks})
-            had_pending = _add(written, cursor.fetchone())
-            if had_pending:
+            row = _run_alone(
+                cursor, WRITE % {"pending": 0, "checks": int(staged.checks)}, _UNJITTED
+            )
+            if _add(written, row):
                 # Commits that waited for their check, tried once this batch's checks are
                 # stored (with this batch's own, which find nothing more).
                 cursor.execute(f"TRUNCATE {CHECKS}, {COMMITS}")
-                cursor.execute(WRITE, {"pending": pending_limit, "checks": 0})
-                _add(written, cursor.fetchone())
+                row = _run_alone(
+                    cursor, WRITE % {"pending": int(pending_limit), "checks": 0}, _UNJITTED
+                )
+                _add(written, row)
         except DataError as error:
             raise NotAsWritten(str(error)) from error
     return written
@@ -893,23 +922,14 @@ def user_rollups_fold() -> int:
     top-user rollups; the caller holds the ledger lock in this transaction. Returns how many
     events and deltas it folded."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT coalesce(max(position), 0), (SELECT max(id) FROM billing_usageevent) "
-            "FROM billing_ledgerstate WHERE name = %s",
-            [USERS_FOLDED],
-        )
+        cursor.execute(_FOLD_FROM)
         after, newest = cursor.fetchone()
+        fold = FOLD_USERS % {"after": int(after), "through": int(max(after, newest or 0))}
         # Events the planner has no statistics for yet look few, and few rows are summed by
         # sorting them: a hundred thousand are summed far faster in a hash table. The fold
         # sorts nothing else.
-        # Only for this statement: later statements of the same transaction (a test's, or a
-        # caller's) are planned as usual.
-        cursor.execute("SET LOCAL timezone = 'UTC'; SET LOCAL enable_sort = off")
-        try:
-            cursor.execute(FOLD_USERS, {"after": after, "through": max(after, newest or 0)})
-            return int(cursor.fetchone()[0])
-        finally:
-            cursor.execute("SET LOCAL enable_sort = on")
+        row = _run_alone(cursor, fold, (*_UNJITTED, ("enable_sort", "off")))
+        return int(row[0])
 
 
 def _add(written: Written, row: tuple[Any, ...]) -> bool:

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 import redis
 from django.conf import settings as django_settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 
 from billing import ingest, ledger_postgres
@@ -815,3 +815,32 @@ def test_the_engines_documents_are_read_by_the_quick_pattern_not_parsed_as_json(
 
     assert ledger_postgres._CHECK_DOCUMENT(documents[b"check"]) is not None
     assert ledger_postgres._COMMIT_DOCUMENT(documents[b"commit"]) is not None
+
+
+def test_the_ledger_statements_leave_the_planner_settings_of_the_transaction_as_they_were(
+    published, clock
+):
+    """The write and the fold turn JIT compilation (and the fold sorting) off for their own
+    statements only; what the transaction runs afterwards is planned as before."""
+    world = published
+    engine.check(world.alice.pk, "u", "gpt-4o", tokens=100, request_id="r1")
+    RedisSource(consumer="a").read(1000)  # the check is held by another consumer
+    engine.commit(world.alice.pk, "r1", input_tokens=7, output_tokens=9)
+    ledger_write(RedisSource(consumer="b").read(1000).entries, {})  # the commit waits
+    engine.check(world.alice.pk, "u", "gpt-4o", tokens=100, request_id="r2")
+
+    def planner_settings():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('jit'), current_setting('enable_sort')")
+            return cursor.fetchone()
+
+    with transaction.atomic():
+        before = planner_settings()
+        # A commit waits: the statement runs a second time, for the commits that wait.
+        report = ledger_write(RedisSource(consumer="b").read(1000).entries, {})
+        assert planner_settings() == before
+        assert user_rollups_fold() == 0
+        assert planner_settings() == before
+
+    assert (report.inserted, report.pending_commits) == (1, 1)
+    assert PendingCommit.objects.count() == 1
