@@ -300,14 +300,19 @@ class RedisBackend:
                 retried = True
 
     # -- breaker ---------------------------------------------------------------------
-    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, function: Any, *args: Any, settling: bool = False) -> Any:
+        """``function(*args)`` behind the breaker. While it is open, checks are answered by
+        their fail mode at once; ``settling`` calls (a usage report, after the inference ran)
+        are still tried: a report refused while Redis is up (one slow call opened this
+        process's breaker) would leave the request billed at its estimate, and a report can
+        afford one timeout where a check cannot. One that gets through closes the breaker."""
         probing = False
-        if self._open_until:
+        if self._open_until and not settling:
             if time.monotonic() < self._open_until or not self._probe.acquire(blocking=False):
                 raise BackendUnavailable("circuit open")
             probing = True
         try:
-            result = function(*args, **kwargs)
+            result = function(*args)
         except redis.RedisError as error:
             from limits import metrics
 
@@ -319,7 +324,7 @@ class RedisBackend:
             self._open_until = time.monotonic() + settings.QUOTA_BREAKER_SECONDS
             raise BackendUnavailable(str(error)) from error
         else:
-            if probing:
+            if probing or (settling and self._open_until):
                 self._open_until = 0.0
             return result
         finally:
@@ -402,7 +407,7 @@ class RedisBackend:
 
     def stored_request(self, record_key: str) -> StoredRequest | None:
         consumed, extra, decision, settled = self._call(
-            lambda: self._client().hmget(record_key, "c", "x", "d", "s")
+            lambda: self._client().hmget(record_key, "c", "x", "d", "s"), settling=True
         )
         if decision is None or not str(decision).startswith("1;"):
             return None
@@ -411,10 +416,10 @@ class RedisBackend:
     def commit(self, call: CommitCall, stored: StoredRequest) -> tuple[int, str]:
         args = [_clock_arg(), call.member, call.tokens, call.cost, call.summary, call.event]
         if self.is_cluster:
-            reply = self._call(self._cluster_commit, call, stored, args)
+            reply = self._call(self._cluster_commit, call, stored, args, settling=True)
         else:
             keys = [call.record_key, call.stream_key, *consumed_keys(stored.consumed)]
-            reply = self._call(self.evalsha, self.commit_script, keys, args)
+            reply = self._call(self.evalsha, self.commit_script, keys, args, settling=True)
         return int(reply[0]), (str(reply[1]) if len(reply) > 1 else "")
 
     def _cluster_commit(self, call: CommitCall, stored: StoredRequest, args: list[Any]) -> Any:

@@ -135,6 +135,48 @@ def test_a_commit_while_redis_is_stopped_says_so_instead_of_losing_the_report(wo
         engine.commit(world.alice.pk, decision.request_id, 10, 20)
 
 
+@pytest.mark.parametrize("mode", [FailMode.OPEN, FailMode.CLOSED])
+def test_a_commit_gets_through_while_one_slow_call_holds_the_breaker_open(
+    world, own_redis, settings, mode
+):
+    """A breaker opened by one slow call answers checks by the fail mode, but a usage
+    report (the inference ran) is still tried: refused, it would leave the request billed
+    at its estimate although Redis answers. Getting through, it closes the breaker."""
+    settings.QUOTA_BREAKER_SECONDS = 30.0  # open for the whole test unless a call closes it
+    publish(world, mode, limit=3)
+    decision = check(world)
+    assert decision.degraded is False
+    own_redis.freeze()
+    try:
+        assert check(world).degraded is True  # one timeout: the breaker opens
+    finally:
+        own_redis.thaw()
+    assert engine.backend().circuit_open
+    assert check(world).degraded is True  # checks still go around Redis
+
+    settlement = engine.commit(world.alice.pk, decision.request_id, 10, 20)
+
+    assert settlement is not None
+    assert (settlement.input_tokens, settlement.output_tokens) == (10, 20)
+    assert not engine.backend().circuit_open
+    assert check(world).degraded is False
+
+
+def test_a_commit_while_redis_stays_stopped_waits_out_no_more_than_its_own_call(
+    world, own_redis, settings
+):
+    settings.QUOTA_BREAKER_SECONDS = 30.0
+    publish(world, FailMode.OPEN, limit=3)
+    decision = check(world)
+    own_redis.stop()
+    assert check(world).degraded is True
+    assert engine.backend().circuit_open
+
+    with pytest.raises(engine.EngineUnavailable):
+        engine.commit(world.alice.pk, decision.request_id, 10, 20)
+    assert engine.backend().circuit_open  # still open: checks keep going around Redis
+
+
 # Redis slow
 
 
