@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from http.cookiejar import CookieJar
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,3 +148,107 @@ def test_the_run_command_serves_the_admin_with_the_demo_data(tmp_path):
     finally:
         _stop(process)
     assert process.returncode is not None
+
+
+def _worker_pids(group: int) -> set[int]:
+    """The main Celery worker processes in ``group``: those started by the script's shell
+    (not their pool children, nor a pool child orphaned by a killed worker)."""
+    found = subprocess.run(
+        ["pgrep", "-g", str(group), "-f", "celery -A quota_platform worker"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    workers = set()
+    for pid in (int(text) for text in found.stdout.split()):
+        try:
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            if Path(f"/proc/{parent}/comm").read_text().strip() == "bash":
+                workers.add(pid)
+        except (OSError, IndexError):
+            continue
+    return workers
+
+
+@pytest.mark.slow
+def test_the_run_command_starts_the_celery_worker_again_when_it_dies(tmp_path):
+    """With PostgreSQL and Redis the run command keeps a Celery worker beside gunicorn; one
+    that exits on its own (SIGKILLed here; a Redis restart can end it too) is started again,
+    and stopping the command stops everything it started."""
+    from tests.processes import RedisServer
+
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed; this test runs a Redis server of its own")
+    redis_server = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    redis_server.start()
+    database = f"quota_run_{os.getpid()}_{int(time.time())}"
+    port = _free_port()
+    environ = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
+    environ.update(
+        {
+            "VAR_DIR": str(tmp_path / "var"),
+            "PORT": str(port),
+            "WEB_CONCURRENCY": "1",
+            "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database}",
+            "REDIS_URL": redis_server.url,
+        }
+    )
+    log_path = tmp_path / "run.log"
+    browser = Browser(f"http://127.0.0.1:{port}")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["scripts/run"],
+            cwd=PROJECT,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def wait_for(what: str, condition: Any) -> Any:
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            while time.monotonic() < deadline:
+                assert process.poll() is None, (
+                    f"scripts/run exited:\n{log_path.read_text()[-3000:]}"
+                )
+                found = condition()
+                if found:
+                    return found
+                time.sleep(0.5)
+            pytest.fail(f"{what} not in time:\n{log_path.read_text()[-3000:]}")
+
+        def admin_up() -> bool:
+            try:
+                return browser.get("/admin/login/")[0] == 200
+            except OSError:
+                return False
+
+        wait_for("the admin login page", admin_up)
+        first = wait_for("a Celery worker", lambda: _worker_pids(process.pid))
+        assert len(first) == 1
+
+        os.kill(next(iter(first)), signal.SIGKILL)
+
+        second = wait_for("a new Celery worker", lambda: _worker_pids(process.pid) - first or None)
+        assert len(second) == 1
+        assert "run: the Celery worker exited (status 137); starting it again" in (
+            log_path.read_text()
+        )
+        assert admin_up()  # the web server never stopped
+    finally:
+        _stop(process)
+        redis_server.stop()
+        import psycopg
+
+        with psycopg.connect(
+            "postgres://postgres@127.0.0.1:5432/postgres", autocommit=True
+        ) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    assert process.returncode is not None
+    leftover = subprocess.run(
+        ["pgrep", "-g", str(process.pid)], capture_output=True, text=True, check=False
+    )
+    assert leftover.stdout.strip() == "", "scripts/run left processes behind"
