@@ -33,10 +33,24 @@ CHECK_SECONDS = Histogram(
     "Time to decide one check, in the engine.",
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
+DEFERRED_USAGE_REPORTS = Counter(
+    "quota_deferred_usage_reports_total",
+    "Usage reports kept in Postgres while Redis was unreachable (deferred), and what became "
+    "of them: applied, unknown (the check's record was lost with Redis), still_unavailable "
+    "(a run that found Redis still away and left them for the next).",
+    ["outcome"],
+)
 USAGE_BACKLOG = Gauge(
     "quota_usage_backlog_events",
     "Usage events waiting in Redis streams to be drained to Postgres.",
     multiprocess_mode="max",
+)
+
+DEFERRED_USAGE_WAITING = Gauge(
+    "quota_deferred_usage_reports_waiting",
+    "Usage reports kept in Postgres while Redis was away, not yet applied.",
+    # Measured in Postgres at scrape time: the latest measurement of any worker is the count.
+    multiprocess_mode="mostrecent",
 )
 
 
@@ -55,4 +69,15 @@ def backlog_refresh() -> None:
             pipe.xlen(f"{engine.tenant_tag(int(tenant_id))}:events")
         USAGE_BACKLOG.set(sum(pipe.execute()))
     except Exception:  # a scrape must not fail because Redis is away; the error metric says it
+        return
+
+
+def deferred_refresh() -> None:
+    """Count the kept usage reports now (at scrape time). The task that applies them runs in
+    Celery, which exports no metrics, so this is what shows them from the web."""
+    from limits.models import DeferredUsageReport
+
+    try:
+        DEFERRED_USAGE_WAITING.set(DeferredUsageReport.objects.count())
+    except Exception:  # a scrape must not fail because Postgres is away; /readyz says it
         return

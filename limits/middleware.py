@@ -56,6 +56,7 @@ from limits.apikeys import apikey_parse
 from limits.authentication import api_client_for
 from limits.headers import ratelimit_headers
 from limits.identifiers import InvalidIdentifier, normalize_model_id, normalize_user_id
+from limits.usage import UsageOutcome, usage_report
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class QuotaGrant:
     decision: engine.Decision
     tokens: int
     input_tokens: int
-    settlement: engine.Settlement | None = None
+    settlement: UsageOutcome | None = None
     settled: bool = False
 
     @property
@@ -116,19 +117,20 @@ class QuotaGrant:
     def settle(self, input_tokens: int, output_tokens: int, status: str = "ok") -> None:
         """Report what the inference used; later calls change nothing.
 
-        Never raises: the response is already on its way, and an unreported estimate only
-        means the estimate stands (and a concurrency slot frees itself after its lease).
+        Never raises: the response is already on its way. While Redis is away the report
+        is kept in Postgres and applied when Redis is back; only with Postgres away too does
+        the estimate stand (and a concurrency slot frees itself after its lease).
         """
         if self.settled:
             return
         self.settled = True
         try:
-            self.settlement = engine.commit(
-                self.tenant_id,
-                self.request_id,
-                min(max(0, input_tokens), MAX_TOKENS),
-                min(max(0, output_tokens), MAX_TOKENS),
-                status,
+            self.settlement = usage_report(
+                tenant_id=self.tenant_id,
+                request_id=self.request_id,
+                input_tokens=min(max(0, input_tokens), MAX_TOKENS),
+                output_tokens=min(max(0, output_tokens), MAX_TOKENS),
+                status=status,
             )
         except engine.EngineUnavailable:
             logger.warning("quota: could not settle request %s; its estimate stands", self)

@@ -484,3 +484,39 @@ class AuditEntry(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise ValueError("Audit entries are append-only")
+
+
+class DeferredUsageReport(models.Model):
+    """A usage report that arrived while the limiter's store was unreachable, kept here until
+    a task can apply it there (``limits.usage.deferred_usage_apply``), then deleted.
+
+    One per tenant and request id: a report sent again while this one waits changes nothing,
+    the first report stands, as it does for a report the store accepted.
+    """
+
+    class Status(models.TextChoices):
+        OK = "ok"
+        ERROR = "error"
+        CANCELLED = "cancelled"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    request_id = models.CharField(max_length=200)
+    input_tokens = models.PositiveBigIntegerField()
+    output_tokens = models.PositiveBigIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OK)
+    received_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Tries to apply it that found the store still unreachable."
+    )
+    last_error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["received_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "request_id"], name="deferredusagereport_once_per_request"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}:{self.request_id}"

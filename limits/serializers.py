@@ -179,6 +179,20 @@ class UsageAnswerSerializer(serializers.Serializer):
     repeated = serializers.BooleanField(help_text="Reported before: the first report stands.")
 
 
+class UsageDeferredAnswerSerializer(serializers.Serializer):
+    request_id = serializers.CharField()
+    input_tokens = serializers.IntegerField(min_value=0)
+    output_tokens = serializers.IntegerField(min_value=0)
+    status = serializers.ChoiceField(choices=["ok", "error", "cancelled"])
+    repeated = serializers.BooleanField(
+        help_text="Reported before while the store was away: the first report stands."
+    )
+    deferred = serializers.BooleanField(
+        help_text="Always true: kept, and applied when the limiter's store is back."
+    )
+    detail = serializers.CharField()
+
+
 class QuotaAnswerSerializer(serializers.Serializer):
     policy_version = serializers.IntegerField(min_value=0)
     limits = LimitSerializer(many=True)

@@ -26,15 +26,24 @@ from limits.serializers import (
     QuotaAnswerSerializer,
     QuotaQuerySerializer,
     UsageAnswerSerializer,
+    UsageDeferredAnswerSerializer,
     UsageRequestSerializer,
 )
+from limits.usage import usage_report
 
 logger = logging.getLogger(__name__)
 
 
+DEFERRED_DETAIL = (
+    "The limiter's store is unreachable: the report is kept and will be applied when it is "
+    "back. Nothing to do; a report sent again changes nothing."
+)
+
+
 class ServiceUnavailable(APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "The limiter's store is unreachable; report the usage again shortly."
+    # Only a usage report that neither Redis nor Postgres could take comes here.
+    default_detail = "Neither the limiter's store nor the database could take the report."
     default_code = "unavailable"
 
 
@@ -96,8 +105,9 @@ def _answers(ok: OpenApiResponse, **details: str) -> dict[int, OpenApiResponse]:
         405: OpenApiResponse(ErrorSerializer, "Method not allowed."),
         415: OpenApiResponse(ErrorSerializer, "The body is not application/json."),
     }
-    if details.pop("unavailable", None):
-        answers[503] = OpenApiResponse(ErrorSerializer, "The limiter's store is unreachable.")
+    unavailable = details.pop("unavailable", None)
+    if unavailable:
+        answers[503] = OpenApiResponse(ErrorSerializer, unavailable)
     return answers
 
 
@@ -144,34 +154,44 @@ class CheckView(ApiView):
 class UsageView(ApiView):
     @extend_schema(
         request=UsageRequestSerializer,
-        responses=_answers(
-            OpenApiResponse(UsageAnswerSerializer, "Settled now, or before (`repeated`)."),
-            bad="Invalid body.",
-            missing="No allowed check of this key's tenant has this request id.",
-            unavailable="yes",
-        ),
+        responses={
+            **_answers(
+                OpenApiResponse(UsageAnswerSerializer, "Settled now, or before (`repeated`)."),
+                bad="Invalid body.",
+                missing="No allowed check of this key's tenant has this request id.",
+                unavailable="Neither the limiter's store nor the database can take the "
+                "report: send it again shortly.",
+            ),
+            202: OpenApiResponse(
+                UsageDeferredAnswerSerializer,
+                "The limiter's store is unreachable: the report is kept and applied when it "
+                "is back (`deferred`). Do not report again.",
+            ),
+        },
         summary="Report what an inference really used",
     )
     def post(self, request: Request) -> Response:
         data = UsageRequestSerializer.validated(request.data)
-        settled = engine.commit(
-            request.user.tenant_id,
-            data["request_id"],
-            data["input_tokens"],
-            data["output_tokens"],
-            data["status"],
+        outcome = usage_report(
+            tenant_id=request.user.tenant_id,
+            request_id=data["request_id"],
+            input_tokens=data["input_tokens"],
+            output_tokens=data["output_tokens"],
+            status=data["status"],
         )
-        if settled is None:
+        if outcome is None:
             raise NotFound("No allowed check with this request_id.")
-        return Response(
-            {
-                "request_id": settled.request_id,
-                "input_tokens": settled.input_tokens,
-                "output_tokens": settled.output_tokens,
-                "status": settled.status,
-                "repeated": settled.repeated,
-            }
-        )
+        answer = {
+            "request_id": outcome.request_id,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "status": outcome.status,
+            "repeated": outcome.repeated,
+        }
+        if outcome.deferred:
+            answer |= {"deferred": True, "detail": DEFERRED_DETAIL}
+            return Response(answer, status=status.HTTP_202_ACCEPTED)
+        return Response(answer)
 
 
 class QuotaView(ApiView):

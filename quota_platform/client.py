@@ -184,7 +184,11 @@ class QuotaClient:
     def commit(
         self, request_id: str, input_tokens: int, output_tokens: int, status: str = "ok"
     ) -> dict[str, Any] | None:
-        """Report what a checked inference used (idempotent); None for an unknown id."""
+        """Report what a checked inference used (idempotent); None for an unknown id.
+
+        While the platform's Redis is away the platform keeps the report and applies it
+        later: the answer then says ``"deferred": true``, and there is nothing to resend.
+        """
         body = {
             "request_id": request_id,
             "input_tokens": input_tokens,
@@ -194,7 +198,7 @@ class QuotaClient:
         code, answer, _headers = self._call("POST", "/api/v1/usage", body)
         if code == 404:
             return None
-        if code != 200:
+        if code not in (200, 202):
             raise QuotaError(code, answer)
         return dict(answer)
 

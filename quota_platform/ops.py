@@ -57,6 +57,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     from limits import metrics as limiter_metrics
 
     limiter_metrics.backlog_refresh()
+    limiter_metrics.deferred_refresh()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

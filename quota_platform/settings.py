@@ -162,6 +162,12 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "schedule": 10.0,
         "options": {"expires": 10},
     },
+    # Usage reports kept in Postgres while Redis was away, applied once it is back.
+    "deferred-usage-apply": {
+        "task": "limits.tasks.deferred_usage_apply",
+        "schedule": 5.0,
+        "options": {"expires": 5},
+    },
     # Billing: usage streams into Postgres, rollups checked against raw events, budget
     # alerts, monthly statements and raw-event retention (billing/tasks.py).
     "billing-drain": {

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from limits.models import PolicyVersion
+from limits.models import DeferredUsageReport, PolicyVersion
+from limits.views import DEFERRED_DETAIL
+from quota_platform.client import QuotaClient
 from tests.api.live import Gunicorn
 from tests.processes import free_port
 
@@ -132,3 +134,36 @@ def test_without_redis_a_closed_tier_denies_degraded_and_metrics_say_so(without_
         sum(value for (name, _), value in samples.items() if name == "quota_redis_errors_total")
         >= 1
     )
+
+
+def test_without_redis_a_usage_report_is_kept_and_answered_202_never_503(without_redis, live_world):
+    request_id = f"r-{uuid.uuid4().hex[:10]}"
+    body = {"request_id": request_id, "input_tokens": 30, "output_tokens": 20}
+
+    answers = [
+        without_redis.call("POST", "/api/v1/usage", body, key=live_world.alice_key)
+        for _ in range(2)
+    ]
+    client = QuotaClient(without_redis.base_url, live_world.alice_key, timeout=5, retries=0)
+    from_client = client.commit(request_id, 1, 1)
+    client.close()
+
+    kept = {
+        "request_id": request_id,
+        "input_tokens": 30,
+        "output_tokens": 20,
+        "status": "ok",
+        "deferred": True,
+        "detail": DEFERRED_DETAIL,
+    }
+    assert [answer.status for answer in answers] == [202, 202]
+    assert answers[0].json == {**kept, "repeated": False}
+    assert answers[1].json == {**kept, "repeated": True}
+    assert from_client == {**kept, "repeated": True}  # the client takes it as reported
+    assert list(
+        DeferredUsageReport.objects.filter(request_id=request_id).values_list(
+            "tenant__slug", "input_tokens", "output_tokens"
+        )
+    ) == [(live_world.alice.slug, 30, 20)]
+    waiting = scrape(without_redis)[("quota_deferred_usage_reports_waiting", ())]
+    assert waiting == DeferredUsageReport.objects.count() >= 1

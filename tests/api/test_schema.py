@@ -89,6 +89,24 @@ def test_the_schema_documents_every_route_and_the_key(server):
     assert document["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
 
 
+def test_the_schema_documents_a_deferred_usage_report_as_202(server):
+    document = server.call("GET", "/api/schema/?format=json").json
+
+    answers = document["paths"]["/api/v1/usage"]["post"]["responses"]
+    deferred = answers["202"]["content"]["application/json"]["schema"]["$ref"]
+    fields = document["components"]["schemas"][deferred.rsplit("/", 1)[1]]["properties"]
+    assert set(answers) == {"200", "202", "400", "401", "404", "405", "415", "503"}
+    assert set(fields) == {
+        "request_id",
+        "input_tokens",
+        "output_tokens",
+        "status",
+        "repeated",
+        "deferred",
+        "detail",
+    }
+
+
 def test_the_docs_page_uses_only_files_the_server_serves_itself(server):
     answer = server.call("GET", "/api/docs/")
 

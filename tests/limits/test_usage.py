@@ -1,0 +1,265 @@
+"""Usage reports while Redis is away: kept in Postgres, answered 202, applied when Redis is
+back, and dropped (counted) when Redis came back without the check they settle.
+
+Every outage is real: a redis-server of this module's own, frozen (SIGSTOP: connections are
+accepted, nobody answers, nothing is lost) or killed and started again empty.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from asgiref.sync import async_to_sync
+from prometheus_client import REGISTRY
+
+from limits import engine, services
+from limits.middleware import QuotaGrant
+from limits.models import DeferredUsageReport, FailMode, Metric, Scope
+from limits.tasks import deferred_usage_apply_task
+from limits.usage import UsageOutcome, usage_report
+from limits.views import DEFERRED_DETAIL
+from tests.factories import LimitRuleFactory
+from tests.processes import RedisServer
+
+TOKENS_PER_HOUR = 1000
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed; these tests run a Redis server of their own")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(redis_server, settings) -> Iterator[RedisServer]:
+    """The engine of this test on the module's Redis server, running and answering."""
+    redis_server.thaw()
+    redis_server.start()
+    settings.REDIS_URL = redis_server.url
+    engine.reset_state()
+    yield redis_server
+    redis_server.thaw()
+    engine.reset_state()
+    redis_server.start()
+
+
+@pytest.fixture
+def metered(world, own_redis):
+    """Alice's users: 1,000 tokens an hour each, tier fail mode open."""
+    world.tier.fail_mode = FailMode.OPEN
+    world.tier.save()
+    LimitRuleFactory(tier=world.tier, scope=Scope.USER, metric=Metric.TOKENS, limit=TOKENS_PER_HOUR)
+    version = services.policy_publish(actor=services.SYSTEM, reason="metered")
+    assert version is not None
+    engine.policy_store().publish(version.version, version.document)
+    return world
+
+
+def tokens_left(tenant, user: str = "u1") -> int:
+    (state,) = [s for s in engine.quota(tenant.pk, user, "gpt-4o").limits if s.metric == "tokens"]
+    return int(state.remaining)
+
+
+def checked(tenant, request_id: str, tokens: int = 100) -> None:
+    decision = engine.check(tenant.pk, "u1", "gpt-4o", tokens=tokens, request_id=request_id)
+    assert (decision.allowed, decision.degraded) == (True, False)
+
+
+def report(tenant, request_id: str, input_tokens: int = 150, output_tokens: int = 50):
+    return usage_report(
+        tenant_id=tenant.pk,
+        request_id=request_id,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+    )
+
+
+def counted(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("quota_deferred_usage_reports_total", {"outcome": outcome})
+    return value or 0.0
+
+
+def kept() -> list[tuple[int, str, int, int, str, int]]:
+    return list(
+        DeferredUsageReport.objects.values_list(
+            "tenant_id", "request_id", "input_tokens", "output_tokens", "status", "attempts"
+        )
+    )
+
+
+def post_usage(client, key: str, request_id: str, input_tokens: int, output_tokens: int):
+    body = {"request_id": request_id, "input_tokens": input_tokens, "output_tokens": output_tokens}
+    return client.post(
+        "/api/v1/usage",
+        json.dumps(body),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {key}",
+    )
+
+
+def test_a_report_while_redis_is_away_is_answered_202_and_kept_once(client, metered, own_redis):
+    _, key = services.apikey_create(tenant=metered.alice, name="svc", actor=services.SYSTEM)
+    checked(metered.alice, "r1")
+    deferred_before = counted("deferred")
+    own_redis.freeze()
+    try:
+        first = post_usage(client, key, "r1", 150, 50)
+        again = post_usage(client, key, "r1", 10, 10)  # the caller retried: the first stands
+    finally:
+        own_redis.thaw()
+
+    expected = {
+        "request_id": "r1",
+        "input_tokens": 150,
+        "output_tokens": 50,
+        "status": "ok",
+        "deferred": True,
+        "detail": DEFERRED_DETAIL,
+    }
+    assert (first.status_code, first.json()) == (202, {**expected, "repeated": False})
+    assert (again.status_code, again.json()) == (202, {**expected, "repeated": True})
+    assert kept() == [(metered.alice.pk, "r1", 150, 50, "ok", 0)]
+    assert counted("deferred") == deferred_before + 1
+
+
+def test_a_report_with_redis_up_is_answered_200_as_before_and_kept_nowhere(client, metered):
+    _, key = services.apikey_create(tenant=metered.alice, name="svc", actor=services.SYSTEM)
+    checked(metered.alice, "r1")
+
+    answer = post_usage(client, key, "r1", 150, 50)
+
+    assert answer.status_code == 200
+    assert answer.json() == {
+        "request_id": "r1",
+        "input_tokens": 150,
+        "output_tokens": 50,
+        "status": "ok",
+        "repeated": False,
+    }
+    assert kept() == []
+    assert tokens_left(metered.alice) == TOKENS_PER_HOUR - 200
+
+
+def test_a_kept_report_waits_while_redis_is_away_and_is_applied_when_it_is_back(metered, own_redis):
+    checked(metered.alice, "r1")
+    checked(metered.alice, "r2")
+    assert tokens_left(metered.alice) == TOKENS_PER_HOUR - 200
+    applied_before = counted("applied")
+    own_redis.freeze()
+    try:
+        assert report(metered.alice, "r1", 150, 50) == UsageOutcome(
+            "r1", 150, 50, "ok", repeated=False, deferred=True
+        )
+        assert report(metered.alice, "r2", 30, 20).deferred
+
+        waited = deferred_usage_apply_task()
+    finally:
+        own_redis.thaw()
+
+    assert waited == {"applied": 0, "unknown": 0, "still_unavailable": True}
+    # The oldest was tried and is marked; the run stopped before the next.
+    assert kept() == [
+        (metered.alice.pk, "r1", 150, 50, "ok", 1),
+        (metered.alice.pk, "r2", 30, 20, "ok", 0),
+    ]
+    assert DeferredUsageReport.objects.get(request_id="r1").last_error
+
+    applied = deferred_usage_apply_task()
+
+    assert applied == {"applied": 2, "unknown": 0, "still_unavailable": False}
+    assert kept() == []
+    # Estimates of 100 each replaced by 200 and 50.
+    assert tokens_left(metered.alice) == TOKENS_PER_HOUR - 250
+    assert engine.commit(metered.alice.pk, "r1", 1, 1) == engine.Settlement(
+        "r1", 150, 50, "ok", repeated=True
+    )
+    assert counted("applied") == applied_before + 2
+    assert deferred_usage_apply_task() == {"applied": 0, "unknown": 0, "still_unavailable": False}
+
+
+def test_a_kept_report_whose_check_was_lost_with_redis_is_dropped_and_counted_unknown(
+    metered, own_redis, caplog
+):
+    checked(metered.alice, "r1")
+    unknown_before = counted("unknown")
+    own_redis.stop()
+    assert report(metered.alice, "r1").deferred
+    own_redis.start()  # same port, empty: the check's record is gone
+
+    with caplog.at_level(logging.WARNING, logger="limits.usage"):
+        result = deferred_usage_apply_task()
+
+    assert result == {"applied": 0, "unknown": 1, "still_unavailable": False}
+    assert kept() == []
+    assert counted("unknown") == unknown_before + 1
+    (warning,) = [r for r in caplog.records if r.name == "limits.usage"]
+    assert warning.levelno == logging.WARNING
+    assert "r1" in warning.getMessage()
+
+
+def test_a_report_kept_for_one_tenant_is_not_another_tenants(metered, own_redis):
+    checked(metered.alice, "r1")
+    checked(metered.bob, "r1")
+    own_redis.freeze()
+    try:
+        assert report(metered.alice, "r1", 150, 50).deferred
+        assert report(metered.bob, "r1", 30, 20).repeated is False
+    finally:
+        own_redis.thaw()
+
+    assert sorted(row[:4] for row in kept()) == sorted(
+        [(metered.alice.pk, "r1", 150, 50), (metered.bob.pk, "r1", 30, 20)]
+    )
+
+
+def test_the_middleware_keeps_its_settlement_while_redis_is_away(metered, own_redis):
+    decision = engine.check(metered.alice.pk, "u1", "gpt-4o", tokens=100, request_id="r1")
+    grant = QuotaGrant(tenant_id=metered.alice.pk, decision=decision, tokens=100, input_tokens=40)
+    own_redis.freeze()
+    try:
+        grant.settle(40, 60)
+    finally:
+        own_redis.thaw()
+
+    assert grant.settlement == UsageOutcome("r1", 40, 60, "ok", repeated=False, deferred=True)
+    assert kept() == [(metered.alice.pk, "r1", 40, 60, "ok", 0)]
+    assert deferred_usage_apply_task()["applied"] == 1
+    assert tokens_left(metered.alice) == TOKENS_PER_HOUR - 100
+
+
+def test_a_report_settled_on_an_event_loop_is_kept_too(transactional_db, metered, own_redis):
+    """The middleware settles an async stream on its event loop, where Django refuses
+    queries."""
+    checked(metered.alice, "r1")
+
+    async def settle_on_the_loop():
+        return report(metered.alice, "r1", 150, 50)
+
+    own_redis.freeze()
+    try:
+        outcome = async_to_sync(settle_on_the_loop)()
+    finally:
+        own_redis.thaw()
+
+    assert outcome == UsageOutcome("r1", 150, 50, "ok", repeated=False, deferred=True)
+    assert kept() == [(metered.alice.pk, "r1", 150, 50, "ok", 0)]
+
+
+def test_beat_applies_kept_reports_every_five_seconds(settings):
+    (entry,) = [
+        entry
+        for entry in settings.CELERY_BEAT_SCHEDULE.values()
+        if entry["task"] == "limits.tasks.deferred_usage_apply"
+    ]
+
+    assert entry["schedule"] == 5.0
+    task = deferred_usage_apply_task
+    assert task.name == "limits.tasks.deferred_usage_apply"
+    assert (task.soft_time_limit, task.time_limit, task.ignore_result) == (8, 10, True)
