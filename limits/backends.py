@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -209,7 +210,10 @@ class RedisBackend:
         self._open_until = 0.0
         self._probe = threading.Lock()
         self._local = threading.local()
-        self._connections: list[Any] = []
+        # Weak: a thread that ends drops its connection, which closes itself when collected
+        # (ASGI and threaded servers run requests on short-lived threads; holding them here
+        # kept one Redis client per finished thread open until maxclients).
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         self._connections_lock = threading.Lock()
 
     def _client(self) -> Client:
@@ -240,7 +244,7 @@ class RedisBackend:
         if self.client is not None:
             self.client.close()
         with self._connections_lock:
-            for connection in self._connections:
+            for connection in list(self._connections):
                 connection.disconnect()
             self._connections.clear()
 
@@ -252,7 +256,7 @@ class RedisBackend:
             connection = pool.connection_class(**pool.connection_kwargs)
             self._local.connection = connection
             with self._connections_lock:
-                self._connections.append(connection)
+                self._connections.add(connection)
         return connection
 
     def evalsha(self, script: LoadedScript, keys: list[str], args: list[Any]) -> Any:
@@ -382,7 +386,8 @@ class RedisBackend:
             raise
         if "1" in added:
             if reply[0] == 2:
-                added = split.not_counted_by(reply[1], reserved_at, added)
+                settled = len(reply) > 2 and int(reply[2]) == 1
+                added = split.not_counted_by(reply[1], reserved_at, added, settled=settled)
             elif reply[0] == 1:
                 added = []  # counted: the capacity stays taken
             if "1" in added:
@@ -522,13 +527,19 @@ class _CapacitySplit(NamedTuple):
             ]
         return tuple(args)
 
-    def not_counted_by(self, stored: str, reserved_at: int, added: list[str]) -> list[str]:
+    def not_counted_by(
+        self, stored: str, reserved_at: int, added: list[str], *, settled: bool = False
+    ) -> list[str]:
         """Of the units a take added, those a repeated request id's first decision does not
         count. Every check of a request id shares one member in the capacity sets, so a
         unit this take added may be the one the stored decision stands on: a concurrent
         check of the same id that found it there, or this very call sent again after a
-        dropped connection. That holds while the stored decision was allowed and its unit
-        would still be in its window (or lease); otherwise the unit is this repeat's own."""
+        dropped connection. That holds while the stored decision was allowed, its usage not
+        yet reported (a report settles the capacity lines: the lease freed, the tokens
+        replaced) and its unit would still be in its window (or lease); otherwise the unit
+        is this repeat's own."""
+        if settled:
+            return added
         values = stored.split(";")
         counted = values[0] == "1"
         decided_at = int(values[1])

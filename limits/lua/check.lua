@@ -34,8 +34,9 @@ ARGV[11…] per limit 6 values: kind ("r" requests, "t" tokens, "c" concurrency,
          place, so a repeated request id answers it as on one Redis.
 
 Returns {status, now, denied index, retry µs (-1 none, -2 never), used_1, reset_1, …, shadow
-denied mask "i,j,"} where status is 1 allowed, 0 denied; or {2, stored} for a repeated request
-id, stored being the first answer as those values joined by ";".
+denied mask "i,j,"} where status is 1 allowed, 0 denied; or {2, stored, settled} for a
+repeated request id, stored being the first answer as those values joined by ";" and settled
+1 when its usage was reported, else 0.
 
 Cost notes (this runs once per check, so its Redis calls and its number formatting are the
 check's cost): each limit reads its two oldest entries once, which also gives its reset and
@@ -49,9 +50,11 @@ local member, mode = ARGV[2], ARGV[3]
 local call = redis.call
 
 if mode == "check" then
-  local stored = call("HGET", record_key, "d")
-  if stored then
-    return {2, stored}
+  local stored = call("HMGET", record_key, "d", "s")
+  if stored[1] then
+    -- Whether its usage was reported too: a settled request holds no global capacity any
+    -- more (the cluster path gives back what a repeat's take added).
+    return {2, stored[1], stored[2] and 1 or 0}
   end
 end
 

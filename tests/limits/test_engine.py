@@ -10,11 +10,13 @@ holds, key by key, not only on what the engine answers.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import json
 import random
 import re
 import threading
+import weakref
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
@@ -1129,6 +1131,30 @@ def test_a_warm_check_makes_one_redis_round_trip_and_no_sql_query(
     assert decision.allowed and len(decision.limits) == 6
     # On a cluster the class's global capacity is a call of its own (docs/engine.md).
     assert len(redis_commands) == {"redis": 1, "cluster": 2, "local": 0}[backend]
+
+
+def test_a_finished_threads_redis_connection_is_not_kept(policy, backend):
+    """Servers that run requests on short-lived threads (ASGI, threaded runserver) must not
+    leave a Redis client open per finished thread."""
+    if backend != "redis":
+        pytest.skip("a connection per thread is the single-Redis path's own")
+    policy.rule("user_model", "requests", 1000)
+    policy.publish()
+    made: list[weakref.ref[Any]] = []
+
+    def one_request(index: int) -> None:
+        assert check(policy.alice, f"t{index}").allowed
+        made.append(weakref.ref(engine.backend()._connection()))
+
+    for index in range(20):
+        thread = threading.Thread(target=one_request, args=(index,))
+        thread.start()
+        thread.join()
+    gc.collect()
+
+    assert len(made) == 20
+    assert [ref for ref in made if ref() is not None] == []
+    assert len(engine.backend()._connections) == 0
 
 
 # -- the twin --------------------------------------------------------------------------

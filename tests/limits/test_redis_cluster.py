@@ -208,6 +208,55 @@ def test_a_repeat_of_a_denied_check_takes_no_global_capacity(cluster, world):
     assert cluster.zcard(capacity_key(cluster)) == 1
 
 
+def publish_global(world: World, metric: str, limit: int, window: int | None) -> None:
+    world.rule.delete()
+    LimitRuleFactory(
+        tier=None,
+        scope="global",
+        metric=metric,
+        limit=limit,
+        window_seconds=window,
+        model_class=world.frontier,
+    )
+    version = services.policy_publish(actor=services.SYSTEM, reason="cluster", force=True)
+    assert version is not None
+    engine.policy_store().publish(version.version, version.document)
+
+
+def global_keys(client: redis.RedisCluster) -> list[str]:
+    pattern = f"{django_settings.QUOTA_KEY_PREFIX}:{{g:*"
+    return sorted(client.scan_iter(match=pattern, count=1000))
+
+
+def test_a_repeat_after_the_usage_report_holds_no_global_lease(cluster, world):
+    """The report freed the request's lease; a repeat of its id answers the first decision
+    and must not take the lease again (nothing would ever free it)."""
+    publish_global(world, "concurrency", 5, None)
+    assert engine.check(world.alice.pk, "u1", GPT, request_id="R").allowed
+    (key,) = global_keys(cluster)
+    assert cluster.zcard(key) == 1
+    assert engine.commit(world.alice.pk, "R", 1, 1) is not None
+    assert cluster.zcard(key) == 0
+
+    again = engine.check(world.alice.pk, "u1", GPT, request_id="R")
+
+    assert again.repeated and again.allowed
+    assert cluster.zcard(key) == 0
+
+
+def test_a_repeat_after_the_usage_report_adds_no_global_tokens(cluster, world):
+    publish_global(world, "tokens", 1000, 60)
+    assert engine.check(world.alice.pk, "u1", GPT, tokens=100, request_id="R").allowed
+    assert engine.commit(world.alice.pk, "R", 20, 30) is not None
+    (total,) = [key for key in global_keys(cluster) if key.endswith(":sum")]
+    assert int(cluster.get(total)) == 50
+
+    again = engine.check(world.alice.pk, "u1", GPT, tokens=100, request_id="R")
+
+    assert again.repeated and again.allowed
+    assert int(cluster.get(total)) == 50
+
+
 def test_a_class_without_global_capacity_is_one_round_trip_on_a_cluster(
     cluster, world, monkeypatch
 ):
