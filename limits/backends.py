@@ -207,6 +207,7 @@ class RedisBackend:
         self.check_script = LoadedScript.read("check.lua")
         self.commit_script = LoadedScript.read("commit.lua")
         self.capacity_script = LoadedScript.read("capacity.lua")
+        self.deny_script = LoadedScript.read("deny.lua")
         self._open_until = 0.0
         self._probe = threading.Lock()
         self._local = threading.local()
@@ -360,6 +361,32 @@ class RedisBackend:
         if reply[0] == 2:
             return reply[1].split(";"), True
         return reply, False
+
+    def deny(
+        self, call: CheckCall, reset_key: str, until_us: int, parts: tuple[str, str, str]
+    ) -> Answer | None:
+        """A check answered from the over-limit cache by deny.lua (see limits/overlimit.py):
+        denied now, or its request id's first decision; None when the cache must not answer
+        (the window moved on, or the tenant's reset mark is set). ``parts`` lay out the
+        decision around its retry (deny.lua's ARGV[3…5])."""
+        keys = [call.record_key, call.denied_key, reset_key]
+        args = [
+            _clock_arg(),
+            until_us,
+            *parts,
+            call.record_ttl_ms,
+            call.prices + call.event,
+            call.denied_label,
+        ]
+        evalsha = self._cluster_evalsha if self.is_cluster else self.evalsha
+        reply = self._call(evalsha, self.deny_script, keys, args)
+        if reply[0] == 3:
+            return None
+        return reply[1].split(";"), reply[0] == 2
+
+    def mark_reset(self, key: str, milliseconds: int) -> None:
+        """Set a tenant's reset mark: no over-limit cache answers for it while it lives."""
+        self._call(lambda: self._client().set(key, 1, px=milliseconds))
 
     def _cluster_check(self, call: CheckCall) -> list[Any]:
         """check.lua on the tenant's slot; a class's global capacity first, on its own."""

@@ -17,6 +17,8 @@ one Redis Cluster slot:
     {t:<tenant>}:req:<request id>                                   first decision, for
                                                                     idempotency and commit
     {t:<tenant>}:events / :denied / :shadow                         usage stream, counters
+    {t:<tenant>}:reset                                              a user was reset: no
+                                                                    over-limit cache answers
     {g:<class>}:w:…:all                                             global capacity
 
 with subject ``u:<user>:m:<model>``, ``u:<user>``, ``m:<model>`` or ``all``. A user or
@@ -54,6 +56,7 @@ from limits.backends import (
     limit_args,
     sum_key,
 )
+from limits.overlimit import OverLimitCache
 from limits.policystore import Policy, PolicyStore
 
 NANO = Decimal(10) ** 9
@@ -216,6 +219,9 @@ class Plan:
     event_version: str
     decided: tuple[Any, Any]  # the decisions counter of this tier and class: denied, allowed
     shadow_counted: Any
+    # (limit index from 1, position in a check's keys) of each enforced request window: the
+    # windows the over-limit cache may know to be full.
+    request_windows: tuple[tuple[int, int], ...]
 
 
 def _id_part(value: str) -> str:
@@ -320,6 +326,12 @@ def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
                     state=LimitState("budget", "cost", period, cost, Decimal(0), 0.0),
                 )
             )
+    request_windows: list[tuple[int, int]] = []
+    position = 4  # after the record, stream, denied and shadow keys: see ``_check_call``
+    for index, item in enumerate(limits, start=1):
+        if item.kind == "r" and not item.shadow:
+            request_windows.append((index, position))
+        position += 2 if item.kind == "t" else 1
     input_price = _micro(model["input_price_per_1k"])
     output_price = _micro(model["output_price_per_1k"])
     record_seconds = max(longest, settings.QUOTA_REQUEST_RECORD_MIN_SECONDS)
@@ -358,6 +370,7 @@ def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
             metrics.DECISIONS.labels(tier, model_class, "allowed"),
         ),
         shadow_counted=metrics.SHADOW_DENIED.labels(tier, model_class),
+        request_windows=tuple(request_windows),
     )
     policy.plans[(tenant_id, model_id)] = plan
     return plan
@@ -413,6 +426,22 @@ def local_backend() -> LocalBackend:
             if found is None:
                 found = _state["local"] = LocalBackend()
     return found
+
+
+def over_limit_cache() -> OverLimitCache | None:
+    """This process's full request windows; None when the cache is off."""
+    found = _state.get("over_limit")
+    if found is None:
+        with _lock:
+            found = _state.get("over_limit")
+            if found is None:
+                seconds = float(settings.QUOTA_OVER_LIMIT_CACHE_SECONDS)
+                found = _state["over_limit"] = (
+                    OverLimitCache(seconds, int(settings.QUOTA_OVER_LIMIT_CACHE_SIZE))
+                    if seconds > 0
+                    else False
+                )
+    return found if found is not False else None  # (an empty cache is falsy)
 
 
 def reset_state() -> None:
@@ -529,11 +558,59 @@ def _member(tenant_id: int, request_id: str) -> str:
 
 def _decide(plan: Plan, call: CheckCall) -> Decision:
     chosen = backend()
+    cache = None
+    if plan.request_windows and call.mode != "peek" and not isinstance(chosen, LocalBackend):
+        cache = over_limit_cache()
+    if cache is not None and call.mode == "check" and len(cache):
+        found = cache.find(call.keys, plan.request_windows, plan.version)
+        if found is not None:
+            index, key, window = found
+            try:
+                answer = chosen.deny(
+                    call, reset_key(plan.tag), window.until_us, _deny_parts(plan, index)
+                )
+            except BackendUnavailable:
+                return _fail(plan, call)
+            if answer is not None:
+                metrics.OVER_LIMIT_CACHE.labels("answered").inc()
+                return _decision(plan, call, answer, degraded=False)
+            metrics.OVER_LIMIT_CACHE.labels("stale").inc()
+            cache.forget(key)
     try:
         answer = chosen.check(call)
     except BackendUnavailable:
         return _fail(plan, call)
+    values, repeated = answer
+    if cache is not None and not repeated and int(values[0]) == 0:
+        _remember_full_window(cache, plan, call, values)
     return _decision(plan, call, answer, degraded=False)
+
+
+def reset_key(tag: str) -> str:
+    return f"{tag}:reset"
+
+
+def _deny_parts(plan: Plan, index: int) -> tuple[str, str, str]:
+    """The decision text around its retry, for deny.lua (its ARGV[3…5])."""
+    before = "-;-;" * (index - 1)
+    after = ";-;-" * (len(plan.limits) - index)
+    return f"{index};", f";{before}{plan.limits[index - 1].limit};", after + ";"
+
+
+def _remember_full_window(
+    cache: OverLimitCache, plan: Plan, call: CheckCall, values: list[Any]
+) -> None:
+    """Remember the window that denied, when it is a request window that frees at a known
+    moment (check.lua reports the slowest denying limit, so nothing passes before it)."""
+    index, retry = int(values[2]), int(values[3])
+    if retry <= 0:
+        return
+    for window_index, position in plan.request_windows:
+        if window_index == index:
+            cache.remember(
+                call.keys[position], int(values[1]) + retry, retry / 1_000_000, plan.version
+            )
+            return
 
 
 def _fail(plan: Plan, call: CheckCall) -> Decision:
@@ -598,7 +675,10 @@ def _states(limits: tuple[PlannedLimit, ...], values: list[Any]) -> _Resolved:
     answered = (len(values) - 5) // 2
     for index, item in enumerate(limits[:answered], start=1):
         position = 2 + 2 * index
-        state = _state_of(item, int(values[position]), int(values[position + 1]))
+        used = values[position]
+        if used == "-":
+            continue  # not read: a denial answered from the over-limit cache
+        state = _state_of(item, int(used), int(values[position + 1]))
         if item.shadow:
             if index in shadow_indexes:
                 shadow.append(state)
@@ -737,4 +817,16 @@ def reset(tenant_id: int, user_id: str, model: str | None = None) -> int:
             removed += store.delete(ordered)
         except BackendUnavailable:
             raise EngineUnavailable("the limiter's store is unreachable; try again") from None
+    cache = over_limit_cache()
+    if cache is not None and removed:
+        chosen = backend()
+        if isinstance(chosen, RedisBackend):
+            # Every process may hold a window of this tenant as full: while the mark lives
+            # (as long as any entry can), none answers from its cache. A denial that this or
+            # another process remembers after the mark is set is refused by it too.
+            try:
+                chosen.mark_reset(reset_key(tenant_tag(tenant_id)), int((cache.seconds + 1) * 1000))
+            except BackendUnavailable:
+                raise EngineUnavailable("the limiter's store is unreachable; try again") from None
+        cache.clear()
     return removed

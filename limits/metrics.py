@@ -28,6 +28,14 @@ SHADOW_DENIED = Counter(
     "Checks that a shadow rule would have denied.",
     ["tier", "model_class"],
 )
+OVER_LIMIT_CACHE = Counter(
+    "quota_over_limit_cache_total",
+    "Checks that met a request window this process knew to be full: answered from the "
+    "over-limit cache (answered: denied, or a repeated request id's first decision), or "
+    "sent to the full check because the window had moved on or a user of the tenant was "
+    "reset (stale).",
+    ["outcome"],
+)
 CHECK_SECONDS = Histogram(
     "quota_check_seconds",
     "Time to decide one check, in the engine.",

@@ -132,6 +132,12 @@ QUOTA_CONCURRENCY_LEASE_SECONDS = env_int(
 QUOTA_REQUEST_RECORD_MIN_SECONDS = env_int(
     "QUOTA_REQUEST_RECORD_MIN_SECONDS", 3600, minimum=60, maximum=31 * 86400
 )
+# Off (0) unless set: a request window that Redis said is full is remembered in-process
+# until it frees, at most this many seconds, and checks meeting it are denied without the
+# full check (limits/overlimit.py); such a denial lists only the limit that denied. At most
+# QUOTA_OVER_LIMIT_CACHE_SIZE windows per process.
+QUOTA_OVER_LIMIT_CACHE_SECONDS = env_float("QUOTA_OVER_LIMIT_CACHE_SECONDS", 0.0, minimum=0.0)
+QUOTA_OVER_LIMIT_CACHE_SIZE = env_int("QUOTA_OVER_LIMIT_CACHE_SIZE", 10000, minimum=1)
 # How long a verified API key stays cached in-process; a revoked key dies within this.
 QUOTA_API_KEY_CACHE_SECONDS = env_float("QUOTA_API_KEY_CACHE_SECONDS", 5.0, minimum=0.0)
 # Which requests QuotaMiddleware checks and settles, and how it reads them (see
