@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -17,32 +16,8 @@ from prometheus_client import REGISTRY
 from limits import engine, services
 from limits.engine import Decision
 from limits.models import FailMode
-from tests.processes import RedisServer
 
 FAIL_MODES = [FailMode.OPEN, FailMode.CLOSED, FailMode.LOCAL]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    if not RedisServer.available():
-        pytest.skip("redis-server is not installed; these tests run a Redis server of their own")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_redis(redis_server, settings) -> Iterator[RedisServer]:
-    """The engine of this test on the module's Redis server, running and answering."""
-    redis_server.thaw()
-    redis_server.start()
-    settings.REDIS_URL = redis_server.url
-    engine.reset_state()
-    yield redis_server
-    redis_server.thaw()
-    engine.reset_state()
-    redis_server.start()
 
 
 def publish(world, fail_mode: str, limit: int) -> int:

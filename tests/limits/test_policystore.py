@@ -23,7 +23,7 @@ from limits.tasks import policy_reconcile_task
 from quota_platform.celery_app import app as celery_app
 from tests.factories import UserFactory
 from tests.limits.test_admin import form_data, with_new_rule
-from tests.processes import EngineProcess, RedisServer, free_port
+from tests.processes import EngineProcess, free_port
 
 StartEngine = Callable[..., EngineProcess]
 
@@ -45,27 +45,6 @@ def start_engine_process(settings, tmp_path) -> Iterator[StartEngine]:
     yield start
     for process in started:
         process.close()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    if not RedisServer.available():
-        pytest.skip("redis-server is not installed; these tests run a Redis server of their own")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_redis(redis_server, settings) -> Iterator[RedisServer]:
-    """This test's engine on the Redis server of this module, which it may empty."""
-    redis_server.start()
-    settings.REDIS_URL = redis_server.url
-    engine.reset_state()
-    yield redis_server
-    engine.reset_state()
-    redis_server.start()
 
 
 def shared_redis() -> redis.Redis:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -22,32 +21,8 @@ from limits.tasks import deferred_usage_apply_task
 from limits.usage import UsageOutcome, usage_report
 from limits.views import DEFERRED_DETAIL
 from tests.factories import LimitRuleFactory
-from tests.processes import RedisServer
 
 TOKENS_PER_HOUR = 1000
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    if not RedisServer.available():
-        pytest.skip("redis-server is not installed; these tests run a Redis server of their own")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_redis(redis_server, settings) -> Iterator[RedisServer]:
-    """The engine of this test on the module's Redis server, running and answering."""
-    redis_server.thaw()
-    redis_server.start()
-    settings.REDIS_URL = redis_server.url
-    engine.reset_state()
-    yield redis_server
-    redis_server.thaw()
-    engine.reset_state()
-    redis_server.start()
 
 
 @pytest.fixture
