@@ -280,6 +280,57 @@ def test_a_batch_read_but_not_written_is_taken_over_only_once_it_is_idle(
     assert UsageEvent.objects.count() == 1
 
 
+def claims_sent(source, monkeypatch):
+    """The streams ``source`` sends XAUTOCLAIM for, as it sends them."""
+    sent: list[str] = []
+    make = source.entries_client.pipeline
+
+    def pipeline(*args, **kwargs):
+        pipe = make(*args, **kwargs)
+        claim = pipe.xautoclaim
+
+        def xautoclaim(name, *more, **options):
+            sent.append(name)
+            return claim(name, *more, **options)
+
+        pipe.xautoclaim = xautoclaim
+        return pipe
+
+    monkeypatch.setattr(source.entries_client, "pipeline", pipeline)
+    return sent
+
+
+def test_a_stream_nobody_else_left_entries_in_is_not_searched_for_entries_to_claim(
+    published, clock, settings, monkeypatch
+):
+    world = published
+    settings.BILLING_CLAIM_IDLE_SECONDS = 0  # anything pending may be claimed at once
+    for index in range(10):
+        engine.check(world.alice.pk, "u", "gpt-4o", tokens=1, request_id=f"r{index}")
+    alone = RedisSource(consumer="alone")
+    sent = claims_sent(alone, monkeypatch)
+
+    assert drain(source=alone, batch_size=2).written.inserted == 10
+    assert sent == []  # only its own read-ahead was ever pending
+
+    engine.check(world.alice.pk, "u", "gpt-4o", tokens=1, request_id="left")
+    RedisSource(consumer="dying").read(1000)
+    heir = RedisSource(consumer="heir")
+    sent = claims_sent(heir, monkeypatch)
+
+    assert drain(source=heir).written.inserted == 1
+    assert sent == [stream_key(world.alice.pk)]
+
+    engine.check(world.alice.pk, "u", "gpt-4o", tokens=1, request_id="again")
+    RedisSource(consumer="again").read(1000)  # read, then the process died
+    again = RedisSource(consumer="again")  # started again under the same name
+    sent = claims_sent(again, monkeypatch)
+
+    assert drain(source=again).written.inserted == 1
+    assert sent == [stream_key(world.alice.pk)]
+    assert redis_client().xlen(stream_key(world.alice.pk)) == 0
+
+
 def test_the_stream_is_trimmed_only_below_the_oldest_pending_entry(published, clock, settings):
     world = published
     for index in range(3):
