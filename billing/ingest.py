@@ -53,8 +53,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
-from itertools import chain
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -220,14 +218,6 @@ class StreamEntries:
     def __len__(self) -> int:
         return self.count
 
-    def pack(self) -> None:
-        """Hold the entries in a few flat lists per stream instead of the two lists per
-        entry that the reply is made of (see ``PackedItems``)."""
-        self.streams = [
-            (tenant_id, items if isinstance(items, PackedItems) else PackedItems(items))
-            for tenant_id, items in self.streams
-        ]
-
     def staged(self) -> Staged | None:
         """The entries laid out for PostgreSQL's ``COPY``, or None when a value needs
         escaping; worked out once."""
@@ -266,33 +256,6 @@ class StreamEntries:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class PackedItems:
-    """One stream's entries as Redis returned them (``[id, [name, value, …]]``), held in
-    three flat lists; iterated, it gives the entries back in that shape.
-
-    A batch waits while the one before it is written, and its reply's lists, two per entry,
-    are what the cyclic garbage collector walks when it runs again after a read
-    (``cyclic_gc_paused``): tens of thousands of them per batch, for nothing (a reply holds
-    no cycle). Packed while the collector is paused, the lists are freed before it runs."""
-
-    __slots__ = ("fields", "ids", "sizes")
-
-    def __init__(self, items: Iterable[Any]) -> None:
-        items = list(items)
-        self.ids = list(map(itemgetter(0), items))
-        self.sizes = list(map(len, map(itemgetter(1), items)))
-        self.fields = list(chain.from_iterable(map(itemgetter(1), items)))
-
-    def __iter__(self) -> Iterator[tuple[Any, list[Any]]]:
-        fields, start = self.fields, 0
-        for entry_id, size in zip(self.ids, self.sizes, strict=True):
-            yield entry_id, fields[start : start + size]
-            start += size
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass
@@ -483,7 +446,7 @@ class RedisSource:
                     for _stream, items in fresh.items() if isinstance(fresh, dict) else fresh:
                         raw.extend(items)
                 if raw:
-                    batch.ids[tenant] = list(map(itemgetter(0), raw))
+                    batch.ids[tenant] = [entry_id for entry_id, _ in raw]
                     entries.add(tenant, raw)
                 total += len(raw)
                 if isinstance(denied, dict) and denied:
@@ -498,7 +461,6 @@ class RedisSource:
         if connection.vendor == "postgresql":
             # Laid out here, on the reading thread, while the previous batch is written.
             entries.staged()
-        entries.pack()
         return batch
 
     def _claimable(

@@ -792,24 +792,6 @@ def test_entries_written_differently_are_read_as_the_portable_write_reads_them(
     assert client.xlen(key) == 0
 
 
-def test_a_read_batch_holds_its_entries_packed_and_gives_them_back_as_redis_sent_them(
-    published, clock
-):
-    world = published
-    engine.check(world.alice.pk, "u", "gpt-4o", tokens=7, request_id="r1")
-    engine.commit(world.alice.pk, "r1", input_tokens=3, output_tokens=4)
-    sent = redis.Redis.from_url(django_settings.REDIS_URL).xrange(stream_key(world.alice.pk))
-
-    batch = RedisSource(consumer="a").read(1000)
-
-    [(tenant, items)] = batch.entries.streams
-    assert (tenant, type(items), len(items)) == (world.alice.pk, ingest.PackedItems, 2)
-    assert [
-        (entry_id, dict(zip(fields[::2], fields[1::2], strict=True))) for entry_id, fields in items
-    ] == sent
-    assert {entry.kind for entry in batch.entries.parsed()} == {"check", "commit"}
-
-
 def test_the_top_user_rollups_take_the_events_a_drain_wrote_once_when_it_folds(published, clock):
     world = published
     for index in range(6):
