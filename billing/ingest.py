@@ -1613,18 +1613,6 @@ class DrainReport:
         }
 
 
-def _held(batch: Batch, unacknowledged: Batch | None) -> dict[int, list[Any]]:
-    """The entries this consumer holds pending while it writes ``batch``, which a claim must
-    not hand back to it: that batch's, and those of the batch written before it whose
-    acknowledgement waits for the read."""
-    if unacknowledged is None:
-        return batch.ids
-    held = {tenant: list(ids) for tenant, ids in batch.ids.items()}
-    for tenant, ids in unacknowledged.ids.items():
-        held.setdefault(tenant, []).extend(ids)
-    return held
-
-
 def drain(
     *,
     source: RedisSource | LocalSource | None = None,
@@ -1664,9 +1652,6 @@ def drain(
     )
     ahead: Future[Batch] | None = None
     acked: Future[None] | None = None
-    # Written and committed, its acknowledgement not sent yet: it goes to the reading thread
-    # after the next read, which the writing waits for, where the acknowledgement is not.
-    unacknowledged: Batch | None = None
     try:
         for number in range(max_batches):
             if ahead is not None:
@@ -1675,22 +1660,14 @@ def drain(
                 report.wait_seconds += time.perf_counter() - moment
             else:
                 moment = time.perf_counter()
-                batch = read(None if unacknowledged is None else unacknowledged.ids)
+                batch = read()
                 report.wait_seconds += time.perf_counter() - moment
             if not (batch.ids or batch.local_count or batch.denied):
                 if batch.complete_round:
                     break
                 continue
-            if reader is not None:
-                if number + 1 < max_batches:
-                    # The reading thread runs one task at a time: until this read is done,
-                    # the batch written before is still pending under this consumer too.
-                    ahead = reader.submit(read, _held(batch, unacknowledged))
-                if unacknowledged is not None:
-                    if acked is not None:
-                        acked.result()  # a failed acknowledgement stops the drain
-                    acked = reader.submit(ack, unacknowledged)
-                    unacknowledged = None
+            if reader is not None and number + 1 < max_batches:
+                ahead = reader.submit(read, batch.ids)
             if batch.entries or batch.denied:
                 moment = time.perf_counter()
                 report.written.add(
@@ -1702,25 +1679,16 @@ def drain(
             if reader is None:
                 ack(batch)
             else:
-                unacknowledged = batch
+                if acked is not None:
+                    acked.result()  # a failed acknowledgement stops the drain
+                acked = reader.submit(ack, batch)
             report.batches += 1
-        if unacknowledged is not None:
-            assert reader is not None  # noqa: S101 - only the reading thread leaves one
-            if acked is not None:
-                acked.result()
-            acked = reader.submit(ack, unacknowledged)
         # The fold reads nothing of the streams: the last acknowledgement goes on meanwhile.
         moment = time.perf_counter()
         user_rollups_fold()
         report.write_seconds += time.perf_counter() - moment
         if acked is not None:
             acked.result()
-    except BaseException:
-        if unacknowledged is not None and reader is not None:
-            # Committed: acknowledged all the same, or claimed and found stored later.
-            with contextlib.suppress(Exception):
-                reader.submit(ack, unacknowledged).result()
-        raise
     finally:
         if reader is not None:
             reader.shutdown(wait=True)

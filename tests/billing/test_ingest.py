@@ -854,27 +854,6 @@ def test_reading_ahead_never_hands_the_batch_being_written_back_to_its_drain(
     assert redis_client().xlen(stream_key(world.bob.pk)) == 0
 
 
-def test_a_written_batch_waiting_for_its_acknowledgement_is_never_claimed_back(
-    published, clock, settings, monkeypatch
-):
-    """The batch written last is acknowledged after the next read: that read, searching
-    the streams for entries to claim, must leave it alone like the batch being written."""
-    world = published
-    settings.BILLING_CLAIM_IDLE_SECONDS = 0  # anything pending may be claimed at once
-    monkeypatch.setattr(ingest, "CLAIM_EVERY_SECONDS", 0.0)  # and is searched for at every read
-    for index in range(30):
-        engine.check(world.bob.pk, "u", "gpt-4o", tokens=1, request_id=f"r{index}")
-        engine.commit(world.bob.pk, f"r{index}", input_tokens=2, output_tokens=3)
-
-    report = drain(batch_size=4)
-
-    assert (report.written.read, report.written.inserted) == (60, 30)
-    assert report.written.duplicates == 0
-    assert UsageEvent.objects.filter(is_estimate=False).count() == 30
-    assert redis_client().xpending(stream_key(world.bob.pk), ingest.GROUP)["pending"] == 0
-    assert redis_client().xlen(stream_key(world.bob.pk)) == 0
-
-
 def test_the_engines_documents_are_read_by_the_quick_pattern_not_parsed_as_json(published, clock):
     """The drain reads entries laid out as the engine lays them out without a JSON parser;
     anything else still works, only slower. This says when the two drift apart."""
