@@ -6,8 +6,9 @@ that consumes the quota, and counts denied checks per hour and model in the hash
 ``<prefix>:{t:<tenant>}:denied``. A drain cycle:
 
 1. reads a batch with ``XREADGROUP`` (consumer group ``billing``, created with ``MKSTREAM``),
-   taking over with ``XAUTOCLAIM`` (at a reader's first read, then at most once a second)
-   what a consumer that died had read but never acknowledged (idle longer than
+   taking over with ``XAUTOCLAIM`` (at a reader's first read, then at most once a second,
+   when ``XPENDING`` shows entries pending beyond the batch this reader is writing) what a
+   consumer that died had read but never acknowledged (idle longer than
    ``BILLING_CLAIM_IDLE_SECONDS``);
 2. writes it in one transaction: checks not stored yet (unique on tenant and stream entry
    id) are inserted; commits settle their check; the rollups get exactly the rows that were
