@@ -353,8 +353,45 @@ class RedisSource:
         self._denied_seen: dict[int, dict[str, int]] = {}
 
     def close(self) -> None:
+        try:
+            self._forget_idle_consumers()
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as error:
+            logger.warning("billing: idle stream consumers left for the next drain: %s", error)
         self.client.close()
         self.entries_client.close()
+
+    def _forget_idle_consumers(self) -> None:
+        """Remove from the groups of the streams this source read its own consumer and any
+        other idle for ten claim periods, each only while it holds nothing pending.
+
+        Every drain reads as a consumer of its own name, and Redis keeps a group's consumers
+        until told otherwise: without this each stream would hold one more consumer for
+        every drain ever run (one every few seconds). A consumer that holds pending entries
+        is kept whatever its age: removing it would drop them from the group's pending list,
+        where nobody could claim them any more. A live reader is never ten claim periods
+        idle: each read resets its idle time."""
+        keys = sorted(self._grouped)
+        if not keys:
+            return
+        forget_ms = 10 * settings.BILLING_CLAIM_IDLE_SECONDS * 1000
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.xinfo_consumers(key, GROUP)
+        found = pipe.execute(raise_on_error=False)
+        pipe = self.client.pipeline(transaction=False)
+        queued = False
+        for key, consumers in zip(keys, found, strict=True):
+            if isinstance(consumers, Exception):
+                continue  # the stream or its group is gone (Redis lost it): nothing to keep
+            for consumer in consumers:
+                name = str(consumer["name"])
+                if int(consumer["pending"]) == 0 and (
+                    name == self.consumer or int(consumer["idle"]) >= forget_ms
+                ):
+                    pipe.xgroup_delconsumer(key, GROUP, name)
+                    queued = True
+        if queued:
+            pipe.execute(raise_on_error=False)
 
     def _ensure_groups(self, keys: Iterable[str]) -> None:
         missing = [key for key in keys if key not in self._grouped]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import time
 from decimal import Decimal
 
 import pytest
@@ -298,6 +299,39 @@ def claims_sent(source, monkeypatch):
 
     monkeypatch.setattr(source.entries_client, "pipeline", pipeline)
     return sent
+
+
+def consumers(world) -> dict[str, int]:
+    """The billing group's consumers of bob's stream, with what each holds pending."""
+    found = redis_client().xinfo_consumers(stream_key(world.bob.pk), ingest.GROUP)
+    return {consumer["name"]: consumer["pending"] for consumer in found}
+
+
+def test_a_drain_leaves_no_consumer_behind_but_one_that_holds_entries(published, clock, settings):
+    world = published
+    for index in range(3):
+        engine.check(world.bob.pk, "u", "gpt-4o", tokens=10, request_id=f"r{index}")
+        source = RedisSource(consumer=f"drain-{index}")
+        drain(source=source)
+        source.close()
+        assert consumers(world) == {}
+    engine.check(world.bob.pk, "u", "gpt-4o", tokens=10, request_id="r-dying")
+    RedisSource(consumer="dying").read(1000)  # read, then the process died
+    settings.BILLING_CLAIM_IDLE_SECONDS = 3600
+    source = RedisSource(consumer="heir")
+    drain(source=source)
+    source.close()
+    assert consumers(world) == {"dying": 1}  # what it holds is claimed later, not dropped
+
+    settings.BILLING_CLAIM_IDLE_SECONDS = 0.05
+    time.sleep(0.1)
+    source = RedisSource(consumer="heir")
+    assert drain(source=source).written.inserted == 1
+    assert consumers(world) == {"heir": 0, "dying": 0}
+    time.sleep(0.6)  # ten claim periods idle, holding nothing: gone with the next close
+    source.close()
+    assert consumers(world) == {}
+    assert UsageEvent.objects.count() == 4
 
 
 def test_a_stream_nobody_else_left_entries_in_is_not_searched_for_entries_to_claim(
