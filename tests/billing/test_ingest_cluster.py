@@ -179,6 +179,8 @@ def test_tenants_on_every_node_are_drained_once_with_their_tokens(spread):
         # Acknowledged, and trimmed: nothing is pending below the last entry read.
         assert pending(client, tenant) == 0
         assert client.xlen(stream_key(tenant)) == 0
+        # And the drain's consumer is gone from the group again, on every node.
+        assert client.xinfo_consumers(stream_key(tenant), ingest.GROUP) == []
 
 
 def test_draining_again_changes_nothing(spread):
