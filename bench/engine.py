@@ -316,9 +316,9 @@ def split_process(contender: Contender, prefix: str, url: str, rounds: int, out:
             real, noop = chosen.check_script, LoadedScript.of(NOOP_CHECK)
             sent: dict[str, Any] = {}
 
-            def capture(script: Any, keys: list[str], args: list[Any]) -> Any:
-                sent.update(keys=keys, args=args)
-                return type(chosen).evalsha(chosen, noop, keys, args)
+            def capture(script: Any, keys: list[str], args: list[Any], *packed: Any) -> Any:
+                sent.update(keys=keys, args=args, packed=packed)
+                return type(chosen).evalsha(chosen, noop, keys, args, *packed)
 
             chosen.evalsha = capture  # the next check's keys and arguments, on the no-op
             engine.check(contender.tenant, "split-capture", MODEL, tokens)
@@ -328,7 +328,7 @@ def split_process(contender: Contender, prefix: str, url: str, rounds: int, out:
                 engine.check(contender.tenant, user(), MODEL, tokens)
 
             def alone() -> None:
-                chosen.evalsha(noop, sent["keys"], sent["args"])
+                chosen.evalsha(noop, sent["keys"], sent["args"], *sent["packed"])
 
             def swap(script: Any) -> None:
                 chosen.check_script = script

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import hiredis
 import redis
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
@@ -69,6 +71,19 @@ def limit_args(limits: tuple[LimitSpec, ...]) -> tuple[str, ...]:
     return tuple(args)
 
 
+class PackedArgs(NamedTuple):
+    """Arguments already in Redis's wire format, to follow a command's others: a plan's
+    limits are the same for every check, so they are packed once, not once a check."""
+
+    data: bytes
+    length: int  # how many arguments
+
+    @classmethod
+    def of(cls, args: tuple[str, ...]) -> PackedArgs:
+        packed = _packed(*args)
+        return cls(packed[packed.index(b"\r\n") + 2 :], len(args))  # past "*<count>\r\n"
+
+
 class CheckCall(NamedTuple):
     """One check as both backends take it. A named tuple: it is made for every check."""
 
@@ -86,6 +101,7 @@ class CheckCall(NamedTuple):
     cost: int  # the estimate in nano-units of the currency
     limits: tuple[LimitSpec, ...]
     limit_args: tuple[str, ...]  # ``limit_args(limits)``, made once per plan
+    packed_limits: PackedArgs | None = None  # ``PackedArgs.of(limit_args)``, once per plan
 
     @property
     def record_key(self) -> str:
@@ -147,10 +163,27 @@ def consumed_keys(consumed: str) -> list[str]:
     return keys
 
 
+_UNREAD = object()
+_test_clock: Any = _UNREAD
+
+
 def test_clock_us() -> int | None:
-    """Time injected by tests through a setting that production never sets."""
-    value = getattr(settings, "QUOTA_TEST_NOW_US", None)
-    return None if value is None else int(value)
+    """Time injected by tests through a setting that production never sets. Read once and
+    kept until a setting changes: asking Django's settings for one they lack raises and
+    catches an exception inside, which cost as much as packing a check's whole command."""
+    global _test_clock
+    value = _test_clock
+    if value is _UNREAD:
+        found = getattr(settings, "QUOTA_TEST_NOW_US", None)
+        value = _test_clock = None if found is None else int(found)
+    return value
+
+
+@receiver(setting_changed)
+def _forget_test_clock(*, setting: str, **kwargs: Any) -> None:
+    global _test_clock
+    if setting == "QUOTA_TEST_NOW_US":
+        _test_clock = _UNREAD
 
 
 @dataclass(frozen=True)
@@ -260,12 +293,23 @@ class RedisBackend:
                 self._connections.add(connection)
         return connection
 
-    def evalsha(self, script: LoadedScript, keys: list[str], args: list[Any]) -> Any:
-        """One EVALSHA on this thread's connection. A dead connection (Redis restarted)
-        is reconnected and the call sent once more; a timeout is not retried. Errors are
-        redis-py's."""
+    def evalsha(
+        self,
+        script: LoadedScript,
+        keys: list[str],
+        args: list[Any],
+        packed: PackedArgs | None = None,
+    ) -> Any:
+        """One EVALSHA on this thread's connection, ``packed`` after ``args``. A dead
+        connection (Redis restarted) is reconnected and the call sent once more; a timeout
+        is not retried. Errors are redis-py's."""
         connection = self._connection()
         command = [_packed("EVALSHA", script.sha, len(keys), *keys, *args)]
+        if packed is not None:
+            head = command[0]
+            start = head.index(b"\r\n") + 2  # past "*<count>\r\n", which grows
+            count = 3 + len(keys) + len(args) + packed.length
+            command = [b"".join((b"*%d\r\n" % count, head[start:], packed.data))]
         retried = loaded = False
         while True:
             try:
@@ -355,9 +399,11 @@ class RedisBackend:
                 call.prices,
                 call.tokens,
                 call.cost,
-                *call.limit_args,
             ]
-            reply = self._call(self.evalsha, self.check_script, call.keys, args)
+            packed = call.packed_limits
+            if packed is None:
+                args += call.limit_args
+            reply = self._call(self.evalsha, self.check_script, call.keys, args, packed)
         if reply[0] == 2:
             return reply[1].split(";"), True
         return reply, False

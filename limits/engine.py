@@ -52,6 +52,7 @@ from limits.backends import (
     CommitCall,
     LimitSpec,
     LocalBackend,
+    PackedArgs,
     RedisBackend,
     limit_args,
     sum_key,
@@ -208,6 +209,7 @@ class Plan:
     # Worked out once per plan, so that a check only adds its user, request and estimate.
     specs: tuple[LimitSpec, ...]
     limit_args: tuple[str, ...]
+    packed_limits: PackedArgs
     key_parts: tuple[tuple[str, str, bool, bool], ...]  # head, tail, per user, has a sum
     record_prefix: str
     stream_key: str
@@ -336,6 +338,7 @@ def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
     output_price = _micro(model["output_price_per_1k"])
     record_seconds = max(longest, settings.QUOTA_REQUEST_RECORD_MIN_SECONDS)
     specs = tuple(_spec(item) for item in limits)
+    arguments = limit_args(specs)
     tier = tenant["tier"]
     plan = Plan(
         tenant_id=tenant_id,
@@ -351,7 +354,8 @@ def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
         output_price=output_price,
         record_ttl_ms=record_seconds * 1000,
         specs=specs,
-        limit_args=limit_args(specs),
+        limit_args=arguments,
+        packed_limits=PackedArgs.of(arguments),
         key_parts=tuple(
             (item.key_head, item.key_tail, item.per_user, item.kind == "t") for item in limits
         ),
@@ -547,6 +551,7 @@ def _check_call(
         tokens * plan.estimate_price,
         plan.specs,
         plan.limit_args,
+        plan.packed_limits,
     )
 
 

