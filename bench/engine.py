@@ -252,7 +252,10 @@ def _percentile(ordered: list[int], fraction: float) -> float:
 def speed_process(contender: Contender, prefix: str, url: str, blocks: Any, out: Any) -> None:
     """Waits for blocks of checks to run, one at a time; reports everything at the end."""
     try:
-        attempt = Attempts(contender, prefix, url, patient=False).attempt
+        # Patient, as in the race: a check that waits past the production timeout for a
+        # CPU would be answered by the fail mode, quickly and without Redis, and counted as
+        # a fast check (the peers have no timeout and always wait).
+        attempt = Attempts(contender, prefix, url, patient=True).attempt
         tokens = TOKENS if contender.tenant == FIVE_RULES else 0
         for index in range(500):  # connections, scripts, caches
             attempt(f"warm-{index % 20}", tokens, HOUR)
@@ -740,9 +743,19 @@ def report(options: argparse.Namespace, results: dict[str, Any]) -> None:
     ]
     ours_exact = OURS_ONE.name not in inexact
     print("\nGoals")
+    # Every check of the speed loop is admitted when Redis answered it: fewer means some were
+    # answered by a fail mode, and the speed is not the engine's.
+    unanswered = [
+        name
+        for name, result in speed.items()
+        if name in (OURS_ONE.name, OURS_FIVE.name) and result["admitted"] != result["checks"]
+    ]
+    verdict = "met" if five >= base else "NOT met"
+    if unanswered:
+        verdict = f"not measured ({', '.join(unanswered)}: not every check admitted)"
     print(
         f"  ours with 5 rules at least as fast as limits' moving window with 1: "
-        f"{five:,.0f} vs {base:,.0f} checks/s: {'met' if five >= base else 'NOT met'}"
+        f"{five:,.0f} vs {base:,.0f} checks/s: {verdict}"
     )
     print(
         f"  ours exact in the race and at the edge: {'met' if ours_exact else 'NOT met'}; "
