@@ -101,7 +101,7 @@ class CheckCall(NamedTuple):
     cost: int  # the estimate in nano-units of the currency
     limits: tuple[LimitSpec, ...]
     limit_args: tuple[str, ...]  # ``limit_args(limits)``, made once per plan
-    packed_limits: PackedArgs | None = None  # ``PackedArgs.of(limit_args)``, once per plan
+    packed_limits: PackedArgs  # ``PackedArgs.of(limit_args)``, once per plan
 
     @property
     def record_key(self) -> str:
@@ -400,10 +400,7 @@ class RedisBackend:
                 call.tokens,
                 call.cost,
             ]
-            packed = call.packed_limits
-            if packed is None:
-                args += call.limit_args
-            reply = self._call(self.evalsha, self.check_script, call.keys, args, packed)
+            reply = self._call(self.evalsha, self.check_script, call.keys, args, call.packed_limits)
         if reply[0] == 2:
             return reply[1].split(";"), True
         return reply, False
