@@ -1,9 +1,11 @@
 """Shared fixtures: two tenants on one tier (so every feature can also prove isolation),
-users in each group, and a Redis key prefix of each test's own."""
+users in each group, a Redis key prefix of each test's own, a Redis Cluster, and a
+redis-server of a test module's own for tests that stop, freeze or empty it."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -19,6 +21,7 @@ from tests.factories import (
     TierFactory,
     UserFactory,
 )
+from tests.processes import RedisServer
 
 
 @pytest.fixture(autouse=True)
@@ -92,3 +95,27 @@ def on_cluster(redis_cluster, settings):
     engine.reset_state()
     yield redis_cluster
     engine.reset_state()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed; these tests run a Redis server of their own")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(redis_server, settings) -> Iterator[RedisServer]:
+    """This test's engine on the module's Redis server, running and answering; the test may
+    stop, freeze or empty it, and the next test finds it running and thawed again."""
+    redis_server.thaw()
+    redis_server.start()
+    settings.REDIS_URL = redis_server.url
+    engine.reset_state()
+    yield redis_server
+    redis_server.thaw()
+    engine.reset_state()
+    redis_server.start()

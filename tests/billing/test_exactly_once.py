@@ -43,7 +43,6 @@ from billing.rollups import rollups_reconcile
 from limits import engine
 from tests.billing.conftest import publish
 from tests.factories import TenantFactory
-from tests.processes import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -157,19 +156,6 @@ def kill_between_commit_and_ack(
         finally:
             client.client_unpause()
     raise AssertionError("never caught a committed batch before its XACK")
-
-
-@pytest.fixture
-def own_redis(tmp_path, settings):
-    if not RedisServer.available():
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path)
-    server.start()
-    settings.REDIS_URL = server.url
-    engine.reset_state()
-    yield server
-    engine.reset_state()
-    server.stop()
 
 
 def test_ten_thousand_events_survive_two_sigkilled_drains_exactly_once(
