@@ -72,6 +72,15 @@ def api_client_for(raw: str) -> ApiClient | None:
     return client
 
 
+def api_client_cached(raw: str) -> ApiClient | None:
+    """The client of a key verified moments ago, or None (never a query)."""
+    digest = hashlib.sha256(raw.strip().encode("utf-8", "surrogatepass")).digest()
+    cached = _cache.get(digest)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    return None
+
+
 def api_client_cache_clear() -> None:
     _cache.clear()
 

@@ -567,20 +567,12 @@ def _decide(plan: Plan, call: CheckCall) -> Decision:
     if plan.request_windows and call.mode != "peek" and not isinstance(chosen, LocalBackend):
         cache = over_limit_cache()
     if cache is not None and call.mode == "check" and len(cache):
-        found = cache.find(call.keys, plan.request_windows, plan.version)
-        if found is not None:
-            index, key, window = found
-            try:
-                answer = chosen.deny(
-                    call, reset_key(plan.tag), window.until_us, _deny_parts(plan, index)
-                )
-            except BackendUnavailable:
-                return _fail(plan, call)
-            if answer is not None:
-                metrics.OVER_LIMIT_CACHE.labels("answered").inc()
-                return _decision(plan, call, answer, degraded=False)
-            metrics.OVER_LIMIT_CACHE.labels("stale").inc()
-            cache.forget(key)
+        try:
+            decision = _cached_denial(plan, call, cache, chosen)
+        except BackendUnavailable:
+            return _fail(plan, call)
+        if decision is not None:
+            return decision
     try:
         answer = chosen.check(call)
     except BackendUnavailable:
@@ -589,6 +581,68 @@ def _decide(plan: Plan, call: CheckCall) -> Decision:
     if cache is not None and not repeated and int(values[0]) == 0:
         _remember_full_window(cache, plan, call, values)
     return _decision(plan, call, answer, degraded=False)
+
+
+def _cached_denial(
+    plan: Plan, call: CheckCall, cache: OverLimitCache, chosen: RedisBackend
+) -> Decision | None:
+    """The answer from deny.lua when the cache knows a full window this check counts in;
+    None when it knows none, or Redis says the window has moved on (nothing was written)."""
+    found = cache.find(call.keys, plan.request_windows, plan.version)
+    if found is None:
+        return None
+    index, key, window = found
+    answer = chosen.deny(call, reset_key(plan.tag), window.until_us, _deny_parts(plan, index))
+    if answer is None:
+        metrics.OVER_LIMIT_CACHE.labels("stale").inc()
+        cache.forget(key)
+        return None
+    metrics.OVER_LIMIT_CACHE.labels("answered").inc()
+    return _decision(plan, call, answer, degraded=False)
+
+
+def check_known_denied(
+    tenant_id: int,
+    user_id: str,
+    model: str,
+    tokens: int = 0,
+    request_id: str | None = None,
+    *,
+    api_key_id: int | None = None,
+) -> Decision | None:
+    """The answer to ``check`` when this process's over-limit cache already knows a window
+    the check counts in is full, found without the full check; None in every other case
+    (nothing known, no policy, an unknown model, Redis away, the window moved on), and then
+    nothing was written: ``check`` decides it as usual.
+
+    For a front that answers such checks before its framework runs (limits/cached_denials.py):
+    the answer is the one ``check`` would give, metrics included."""
+    cache = over_limit_cache()
+    if cache is None or not len(cache):
+        return None
+    chosen = backend()
+    if isinstance(chosen, LocalBackend):
+        return None
+    started = time.perf_counter()
+    policy = policy_store().current()
+    tenant = policy.tenants.get(str(tenant_id))
+    if tenant is None or not tenant["active"]:
+        return None
+    plan = _plan(policy, tenant_id, model)
+    if plan is None or not plan.request_windows:
+        return None
+    call = _check_call(
+        plan, user_id, int(tokens), request_id or os.urandom(16).hex(), "check", api_key_id
+    )
+    try:
+        decision = _cached_denial(plan, call, cache, chosen)
+    except BackendUnavailable:
+        return None  # ``check`` answers it by the fail mode
+    if decision is None:
+        return None
+    metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
+    plan.decided[decision.allowed].inc()
+    return decision
 
 
 def reset_key(tag: str) -> str:

@@ -65,6 +65,20 @@ def _drain(stream: Any, most: int = 16 * 1024 * 1024) -> None:
         left -= len(chunk)
 
 
+def json_from_body(raw: bytes) -> Any:
+    """The JSON value of a body within the size cap; ParseError naming what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ParseError("The body is not UTF-8 text.") from error
+    if _too_deep(text):
+        raise ParseError(f"The JSON nests deeper than {MAX_DEPTH} levels.")
+    try:
+        return json.loads(text, parse_constant=_constant, object_pairs_hook=_object)
+    except (ValueError, RecursionError) as error:
+        raise ParseError(f"The body is not valid JSON: {error}") from error
+
+
 class BoundedJSONParser(BaseParser):
     """Stock DRF parsing with a size cap, a depth cap, no NaN or Infinity and no repeated keys.
 
@@ -82,13 +96,4 @@ class BoundedJSONParser(BaseParser):
         if len(raw) > limit:
             _drain(stream)
             raise ParseError(f"The body is larger than {limit} bytes.")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ParseError("The body is not UTF-8 text.") from error
-        if _too_deep(text):
-            raise ParseError(f"The JSON nests deeper than {MAX_DEPTH} levels.")
-        try:
-            return json.loads(text, parse_constant=_constant, object_pairs_hook=_object)
-        except (ValueError, RecursionError) as error:
-            raise ParseError(f"The body is not valid JSON: {error}") from error
+        return json_from_body(raw)
