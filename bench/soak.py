@@ -1127,11 +1127,11 @@ def billed_events(database_url: str) -> tuple[dict[tuple[str, str], list[Any]], 
     events: dict[tuple[str, str], list[Any]] = defaultdict(list)
     with psycopg.connect(database_url) as connection:
         rows = connection.execute(
-            "SELECT t.slug, e.request_id, e.input_tokens, e.output_tokens, e.is_estimate "
-            "FROM billing_usageevent e JOIN limits_tenant t ON t.id = e.tenant_id"
+            "SELECT t.slug, e.request_id, e.input_tokens, e.output_tokens, e.is_estimate, "
+            "e.status FROM billing_usageevent e JOIN limits_tenant t ON t.id = e.tenant_id"
         ).fetchall()
-        for slug, request_id, input_tokens, output_tokens, is_estimate in rows:
-            events[(slug, request_id)].append((input_tokens, output_tokens, is_estimate))
+        for slug, request_id, input_tokens, output_tokens, is_estimate, status in rows:
+            events[(slug, request_id)].append((input_tokens, output_tokens, is_estimate, status))
         pending = connection.execute(
             "SELECT t.slug, p.request_id "
             "FROM billing_pendingcommit p JOIN limits_tenant t ON t.id = p.tenant_id"
@@ -1450,7 +1450,18 @@ def report(
     for answer in commits:
         if _overlaps(answer.sent, answer.ended, windows):
             at_risk_commits.add((answer.tenant, answer.request_id))
-    billed = set(events)
+    # A check whose answer was lost while Redis ran it (a restart's shutdown, a timeout),
+    # its caller told "denied" by the fail mode: the platform settles it as cancelled, with
+    # no tokens and no cost, once Redis is back. In the ledger, not billed.
+    cancelled_lost = {
+        key
+        for key, rows_ in events.items()
+        if key in by_id
+        and by_id[key].degraded
+        and by_id[key].allowed == 0
+        and all(row[:2] == (0, 0) and row[3] == "cancelled" for row in rows_)
+    }
+    billed = set(events) - cancelled_lost
     pending_commits = extra["pending_commits"]
     doubled = sum(1 for rows_ in events.values() if len(rows_) > 1)
     missing = sent - billed
@@ -1527,6 +1538,11 @@ def report(
             extra_degraded - denied_billed,
         ],
         ["billed, not sent: answered degraded, DENIED (closed)", denied_billed],
+        [
+            "not billed: answered degraded and denied, its answer lost while Redis ran it: "
+            "settled cancelled at no cost",
+            len(cancelled_lost),
+        ],
         ["billed, not sent: no answer / not 200", extra_no_answer],
         ["billed, not sent: answered denied", extra_denied],
         ["billed, not sent: never asked", extra_unknown],
@@ -1552,6 +1568,7 @@ def report(
     print(table(["", "count"], rows))
     denied_billed_ids = {key for key in extra_ids if key in by_id and by_id[key].degraded}
     denied_billed_ids = {key for key in denied_billed_ids if by_id[key].allowed == 0}
+    denied_billed_ids -= cancelled_lost
     restart_ids = lost_restart | lost_commit_restart_ids if is_persistent else set()
     for label, keys in (
         ("sent, not billed otherwise", unexplained),

@@ -37,7 +37,15 @@ NEVER = -2  # retry value: this request can never pass (it alone exceeds the lim
 
 
 class BackendUnavailable(Exception):
-    """Redis did not answer in time (or at all); the tier's fail mode decides."""
+    """Redis did not answer in time (or at all); the tier's fail mode decides.
+
+    ``sent``: the call went out and its answer was lost (a timeout, a connection closed), so
+    Redis may have run it; False when nothing was sent (the breaker was open) or Redis
+    answered with an error."""
+
+    def __init__(self, message: str, *, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 @dataclass(frozen=True)
@@ -371,7 +379,8 @@ class RedisBackend:
             ):
                 logger.error("redis refused a limiter call: %s", error)
             self._open_until = time.monotonic() + settings.QUOTA_BREAKER_SECONDS
-            raise BackendUnavailable(str(error)) from error
+            sent = not isinstance(error, redis.ResponseError)
+            raise BackendUnavailable(str(error), sent=sent) from error
         else:
             if probing or (settling and self._open_until):
                 self._open_until = 0.0

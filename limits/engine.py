@@ -575,8 +575,11 @@ def _decide(plan: Plan, call: CheckCall) -> Decision:
             return decision
     try:
         answer = chosen.check(call)
-    except BackendUnavailable:
-        return _fail(plan, call)
+    except BackendUnavailable as error:
+        decision = _fail(plan, call)
+        if error.sent and call.mode == "check" and not decision.allowed:
+            _cancel_lost_check(plan.tenant_id, call.request_id)
+        return decision
     values, repeated = answer
     if cache is not None and not repeated and int(values[0]) == 0:
         _remember_full_window(cache, plan, call, values)
@@ -684,6 +687,17 @@ def _fail(plan: Plan, call: CheckCall) -> Decision:
         retry_after=None if mode == "open" else float(settings.QUOTA_BREAKER_SECONDS),
         degraded=True,
     )
+
+
+def _cancel_lost_check(tenant_id: int, request_id: str) -> None:
+    """The check went to Redis and its answer was lost, and its caller was told it is
+    denied. Redis may have run it all the same: admitted, consumed and recorded a usage
+    event, billing a request that will never be made. Keep a cancellation for it, applied
+    like a deferred usage report once Redis answers again: it settles such a check as
+    cancelled, using nothing (and finds nothing when the check never ran)."""
+    from limits.usage import lost_check_cancel
+
+    lost_check_cancel(tenant_id=tenant_id, request_id=request_id)
 
 
 def _without_policy(request_id: str, version: int, mode: str) -> Decision:

@@ -45,7 +45,9 @@ DEFERRED_USAGE_REPORTS = Counter(
     "quota_deferred_usage_reports_total",
     "Usage reports kept in Postgres while Redis was unreachable (deferred), and what became "
     "of them: applied, unknown (the check's record was lost with Redis), still_unavailable "
-    "(a run that found Redis still away and left them for the next).",
+    "(a run that found Redis still away and left them for the next); lost_answer: "
+    "cancellations kept for checks whose answers were lost, and cancelled: those that "
+    "settled a check Redis had admitted.",
     ["outcome"],
 )
 USAGE_BACKLOG = Gauge(

@@ -509,6 +509,12 @@ class DeferredUsageReport(models.Model):
         default=0, help_text="Tries to apply it that found the store still unreachable."
     )
     last_error = models.CharField(max_length=300, blank=True)
+    lost_answer = models.BooleanField(
+        default=False,
+        help_text="Kept by the platform, not sent by a client: a check whose answer was lost "
+        "(Redis may have admitted it) while its caller was told it was denied. Applied, it "
+        "settles that check as cancelled, using nothing.",
+    )
 
     class Meta:
         ordering = ["received_at", "id"]

@@ -48,6 +48,11 @@ class DeferredApplied:
     applied: int  # settled now or before (a repeat): their rows are gone
     unknown: int  # their check's record was lost with Redis: rows gone, estimates stand
     still_unavailable: bool  # the store was still away: the rest waits for the next run
+    # Cancellations of checks whose answers were lost (``lost_check_cancel``): admitted by
+    # Redis after all, now settled as cancelled; and those Redis never admitted (or whose
+    # client had settled them first). Their rows are gone.
+    lost_cancelled: int = 0
+    lost_nothing_to_cancel: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +108,33 @@ def usage_report(
     )
 
 
+def lost_check_cancel(*, tenant_id: int, request_id: str) -> None:
+    """Keep a cancellation of a check whose answer was lost while its caller was told it is
+    denied (``engine``): applied by ``deferred_usage_apply`` with the kept reports, it
+    settles the check as cancelled with no tokens when Redis did run it. A usage report the
+    client sends for the same request id takes its place."""
+    try:
+        _, created = _keep(
+            tenant_id=tenant_id,
+            request_id=request_id,
+            input_tokens=0,
+            output_tokens=0,
+            status=DeferredUsageReport.Status.CANCELLED,
+            lost_answer=True,
+        )
+    except DatabaseError as error:
+        # Postgres is away too: the check stays as Redis decided it, billed if admitted.
+        logger.warning(
+            "quota: could not keep the cancellation of a check whose answer was lost "
+            "(request %s): %s",
+            request_id,
+            error,
+        )
+        return
+    if created:
+        metrics.DEFERRED_USAGE_REPORTS.labels("lost_answer").inc()
+
+
 def _keep(**fields: Any) -> tuple[DeferredUsageReport, bool]:
     """The kept report of this request (the first one), and whether this call stored it."""
     try:
@@ -117,7 +149,17 @@ def _keep(**fields: Any) -> tuple[DeferredUsageReport, bool]:
 
 def _keep_here(fields: dict[str, Any]) -> tuple[DeferredUsageReport, bool]:
     keys = {name: fields.pop(name) for name in ("tenant_id", "request_id")}
-    return DeferredUsageReport.objects.get_or_create(**keys, defaults=fields)
+    report, created = DeferredUsageReport.objects.get_or_create(**keys, defaults=fields)
+    if not created and report.lost_answer and not fields.get("lost_answer"):
+        # The client's own report of a check the platform meant to cancel: the client
+        # was admitted after all (a repeat of its request id) and ran the inference.
+        changed = DeferredUsageReport.objects.filter(pk=report.pk, lost_answer=True).update(
+            **fields, lost_answer=False
+        )
+        if changed:
+            report.refresh_from_db()
+            return report, True
+    return report, created
 
 
 def _keep_in_thread(fields: dict[str, Any]) -> tuple[DeferredUsageReport, bool]:
@@ -134,7 +176,7 @@ def deferred_usage_apply(*, batch_size: int = 100, max_batches: int = 10) -> Def
 
     Safe to run any number of times and concurrently: a report applied twice is a repeat.
     """
-    applied = 0
+    applied = cancelled = nothing_to_cancel = 0
     unknown_ids: list[str] = []
     still_unavailable = False
     for _ in range(max_batches):
@@ -155,7 +197,12 @@ def deferred_usage_apply(*, batch_size: int = 100, max_batches: int = 10) -> Def
                 )
                 still_unavailable = True
                 break
-            if settlement is None:
+            if report.lost_answer:
+                if settlement is None or settlement.repeated:
+                    nothing_to_cancel += 1  # the usual case: the check never ran
+                else:
+                    cancelled += 1
+            elif settlement is None:
                 unknown_ids.append(report.request_id)
             else:
                 applied += 1
@@ -167,6 +214,13 @@ def deferred_usage_apply(*, batch_size: int = 100, max_batches: int = 10) -> Def
             break
     if applied:
         metrics.DEFERRED_USAGE_REPORTS.labels("applied").inc(applied)
+    if cancelled:
+        metrics.DEFERRED_USAGE_REPORTS.labels("cancelled").inc(cancelled)
+        logger.warning(
+            "quota: %d checks admitted by Redis while their callers were told they were "
+            "denied (their answers were lost) were settled as cancelled, using nothing",
+            cancelled,
+        )
     if unknown_ids:
         metrics.DEFERRED_USAGE_REPORTS.labels("unknown").inc(len(unknown_ids))
         # One line a run, not one a report: after a Redis restart without persistence
@@ -180,5 +234,9 @@ def deferred_usage_apply(*, batch_size: int = 100, max_batches: int = 10) -> Def
     if still_unavailable:
         metrics.DEFERRED_USAGE_REPORTS.labels("still_unavailable").inc()
     return DeferredApplied(
-        applied=applied, unknown=len(unknown_ids), still_unavailable=still_unavailable
+        applied=applied,
+        unknown=len(unknown_ids),
+        still_unavailable=still_unavailable,
+        lost_cancelled=cancelled,
+        lost_nothing_to_cancel=nothing_to_cancel,
     )

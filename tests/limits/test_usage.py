@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -38,7 +40,11 @@ def metered(world, own_redis):
 
 
 def tokens_left(tenant, user: str = "u1") -> int:
-    (state,) = [s for s in engine.quota(tenant.pk, user, "gpt-4o").limits if s.metric == "tokens"]
+    deadline = time.monotonic() + 3  # past a breaker opened by the test's outage
+    while (answer := engine.quota(tenant.pk, user, "gpt-4o")).degraded:
+        assert time.monotonic() < deadline, "Redis did not answer again"
+        time.sleep(0.05)
+    (state,) = [s for s in answer.limits if s.metric == "tokens"]
     return int(state.remaining)
 
 
@@ -54,6 +60,17 @@ def report(tenant, request_id: str, input_tokens: int = 150, output_tokens: int 
         input_tokens=input_tokens,
         output_tokens=output_tokens,
     )
+
+
+def applied_as(applied: int, unknown: int, still_unavailable: bool, **lost: int) -> dict:
+    """What deferred_usage_apply_task returns."""
+    return {
+        "applied": applied,
+        "unknown": unknown,
+        "still_unavailable": still_unavailable,
+        "lost_cancelled": lost.get("cancelled", 0),
+        "lost_nothing_to_cancel": lost.get("nothing_to_cancel", 0),
+    }
 
 
 def counted(outcome: str) -> float:
@@ -138,7 +155,7 @@ def test_a_kept_report_waits_while_redis_is_away_and_is_applied_when_it_is_back(
     finally:
         own_redis.thaw()
 
-    assert waited == {"applied": 0, "unknown": 0, "still_unavailable": True}
+    assert waited == applied_as(0, 0, True)
     # The oldest was tried and is marked; the run stopped before the next.
     assert kept() == [
         (metered.alice.pk, "r1", 150, 50, "ok", 1),
@@ -148,7 +165,7 @@ def test_a_kept_report_waits_while_redis_is_away_and_is_applied_when_it_is_back(
 
     applied = deferred_usage_apply_task()
 
-    assert applied == {"applied": 2, "unknown": 0, "still_unavailable": False}
+    assert applied == applied_as(2, 0, False)
     assert kept() == []
     # Estimates of 100 each replaced by 200 and 50.
     assert tokens_left(metered.alice) == TOKENS_PER_HOUR - 250
@@ -156,7 +173,7 @@ def test_a_kept_report_waits_while_redis_is_away_and_is_applied_when_it_is_back(
         "r1", 150, 50, "ok", repeated=True
     )
     assert counted("applied") == applied_before + 2
-    assert deferred_usage_apply_task() == {"applied": 0, "unknown": 0, "still_unavailable": False}
+    assert deferred_usage_apply_task() == applied_as(0, 0, False)
 
 
 def test_a_kept_report_whose_check_was_lost_with_redis_is_dropped_and_counted_unknown(
@@ -171,7 +188,7 @@ def test_a_kept_report_whose_check_was_lost_with_redis_is_dropped_and_counted_un
     with caplog.at_level(logging.WARNING, logger="limits.usage"):
         result = deferred_usage_apply_task()
 
-    assert result == {"applied": 0, "unknown": 1, "still_unavailable": False}
+    assert result == applied_as(0, 1, False)
     assert kept() == []
     assert counted("unknown") == unknown_before + 1
     (warning,) = [r for r in caplog.records if r.name == "limits.usage"]
@@ -238,3 +255,140 @@ def test_beat_applies_kept_reports_every_five_seconds(settings):
     task = deferred_usage_apply_task
     assert task.name == "limits.tasks.deferred_usage_apply"
     assert (task.soft_time_limit, task.time_limit, task.ignore_result) == (8, 10, True)
+
+
+# A check whose answer was lost while its caller was told it is denied
+
+
+@pytest.fixture
+def closed(metered):
+    metered.tier.fail_mode = FailMode.CLOSED
+    metered.tier.save()
+    version = services.policy_publish(actor=services.SYSTEM, reason="closed")
+    engine.policy_store().publish(version.version, version.document)
+    return metered
+
+
+BUSY_SCRIPT = """
+local started = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - started[1]) * 1000000 + (now[2] - started[2]) > tonumber(ARGV[1])
+return 1
+"""
+
+
+def lost_check(world, own_redis, request_id: str) -> engine.Decision:
+    """A check sent while Redis is busy for half a second with another client's script:
+    the engine's call times out and the tier's fail mode answers, but the check is in
+    Redis's hands, and Redis runs it once the script is done."""
+    # A connection of the engine's own, opened and its scripts loaded, before Redis is busy.
+    assert not engine.check(world.alice.pk, "warm-up", "gpt-4o").degraded
+    busy = threading.Thread(
+        target=own_redis.client().eval, args=(BUSY_SCRIPT, 0, 500_000), daemon=True
+    )
+    busy.start()
+    time.sleep(0.1)  # the script is running
+    try:
+        return engine.check(world.alice.pk, "u1", "gpt-4o", tokens=100, request_id=request_id)
+    finally:
+        busy.join(timeout=5)
+
+
+def record(world, request_id: str) -> dict[str, str]:
+    key = f"{engine.tenant_tag(world.alice.pk)}:req:{request_id}"
+    client = engine.backend()._client()
+    return dict(client.hgetall(key))
+
+
+def wait_for_record(world, request_id: str) -> dict[str, str]:
+    deadline = time.monotonic() + 5
+    while not (found := record(world, request_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def test_a_check_admitted_while_its_caller_was_told_denied_is_settled_as_cancelled(
+    closed, own_redis, caplog
+):
+    checked_before = counted("lost_answer")
+    answer = lost_check(closed, own_redis, "lost-1")
+    assert (answer.allowed, answer.degraded) == (False, True)
+    assert kept() == [(closed.alice.pk, "lost-1", 0, 0, "cancelled", 0)]
+    assert DeferredUsageReport.objects.get().lost_answer
+    assert counted("lost_answer") == checked_before + 1
+    # Redis runs the check after all: admitted, 100 tokens taken.
+    assert wait_for_record(closed, "lost-1")["d"].startswith("1;")
+    assert tokens_left(closed.alice) == TOKENS_PER_HOUR - 100
+
+    with caplog.at_level(logging.WARNING, logger="limits.usage"):
+        result = deferred_usage_apply_task()
+
+    assert result == applied_as(0, 0, False, cancelled=1)
+    assert kept() == []
+    assert record(closed, "lost-1")["s"] == "0;0;cancelled"
+    assert tokens_left(closed.alice) == TOKENS_PER_HOUR  # its estimate given back
+    # The usage stream says so: billing settles the check at no tokens, no cost.
+    stream = f"{engine.tenant_tag(closed.alice.pk)}:events"
+    ((_, last),) = engine.backend()._client().xrevrange(stream, count=1)
+    event = json.loads(last["e"])
+    assert (last["k"], event["input_tokens"], event["output_tokens"], event["status"]) == (
+        "commit",
+        0,
+        0,
+        "cancelled",
+    )
+    assert "settled as cancelled" in caplog.text
+    # Its caller, told it was denied, reports nothing; a report all the same changes nothing.
+    assert report(closed.alice, "lost-1").repeated
+
+
+def test_a_lost_check_redis_never_ran_leaves_nothing_to_cancel(closed, own_redis, caplog):
+    own_redis.stop()
+    answer = engine.check(closed.alice.pk, "u1", "gpt-4o", tokens=100, request_id="never-1")
+    assert (answer.allowed, answer.degraded) == (False, True)
+    assert kept() == [(closed.alice.pk, "never-1", 0, 0, "cancelled", 0)]
+    own_redis.start()
+
+    with caplog.at_level(logging.WARNING, logger="limits.usage"):
+        result = deferred_usage_apply_task()
+
+    assert result == applied_as(0, 0, False, nothing_to_cancel=1)
+    assert kept() == []
+    assert not [r for r in caplog.records if r.name == "limits.usage"]  # nothing to warn of
+
+
+def test_a_check_answered_while_the_breaker_is_open_keeps_no_cancellation(closed, own_redis):
+    own_redis.stop()
+    engine.check(closed.alice.pk, "u1", "gpt-4o", request_id="sent-1")
+    DeferredUsageReport.objects.all().delete()
+    # Nothing is sent while the breaker is open: nothing can have run.
+    answer = engine.check(closed.alice.pk, "u1", "gpt-4o", request_id="not-sent")
+    assert (answer.allowed, answer.degraded) == (False, True)
+    assert kept() == []
+
+
+def test_a_lost_check_answered_allowed_by_the_fail_mode_keeps_no_cancellation(metered, own_redis):
+    answer = lost_check(metered, own_redis, "open-1")  # the tier's fail mode is open
+    assert (answer.allowed, answer.degraded) == (True, True)
+    assert kept() == []
+
+
+def test_the_clients_own_report_takes_the_place_of_a_kept_cancellation(closed, own_redis):
+    lost_check(closed, own_redis, "lost-2")
+    assert wait_for_record(closed, "lost-2")["d"].startswith("1;")
+    # The client repeats its request id once Redis answers: the first decision stands, it
+    # was admitted, and runs the inference; its report comes while Redis is away.
+    engine.reset_state()
+    repeat = engine.check(closed.alice.pk, "u1", "gpt-4o", tokens=100, request_id="lost-2")
+    assert (repeat.allowed, repeat.repeated) == (True, True)
+    own_redis.freeze()
+    try:
+        assert report(closed.alice, "lost-2", 150, 50).deferred
+    finally:
+        own_redis.thaw()
+    assert kept() == [(closed.alice.pk, "lost-2", 150, 50, "ok", 0)]
+    assert not DeferredUsageReport.objects.get().lost_answer
+
+    assert deferred_usage_apply_task() == applied_as(1, 0, False)
+    assert record(closed, "lost-2")["s"] == "150;50;ok"
