@@ -98,6 +98,8 @@ def policy(world, settings) -> PolicyBuilder:
 
     settings.QUOTA_OVER_LIMIT_CACHE_SECONDS = 5
     settings.QUOTA_BACKEND = "redis"
+    # Not a test of fail modes: a busy machine must not turn an answer into a degraded one.
+    settings.QUOTA_REDIS_TIMEOUT_MS = 2000
     engine.reset_state()
     Clock(settings).set(START)
     world.rule.delete()
