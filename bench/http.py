@@ -18,7 +18,12 @@ in rounds on the same server:
    database, read before and after a phase of checks;
 3. bogus keys: 10,000 requests whose key has a wrong checksum, alone (their SQL, by the
    same counters; a control with well-formed unknown keys shows the counters do see
-   per-request SQL), then during valid traffic (its p99 with and without them).
+   per-request SQL), then during valid traffic (its p99 with and without them);
+4. a tenant far over its limit (1 request an hour, every check denied; the server runs with
+   the over-limit cache on, ``QUOTA_OVER_LIMIT_CACHE_SECONDS=5``): ``POST /api/v1/check``,
+   answered by the WSGI front before Django (limits/cached_denials.py), alternating with
+   ``POST /bench/check`` (bench/http_urls.py: the same view under another path, so Django
+   answers it, from the same cache): requests per second, p50, p99 and their ratio.
 
 The load comes from wrk when it is installed (Debian package ``wrk``), else from Python
 processes with http.client connections. Everything it made is removed at the end: the
@@ -62,6 +67,7 @@ USERS = 1000
 TOKENS = 100
 CHECK_PATH = "/api/v1/check"
 BASELINE_PATH = "/bench/evalsha"
+DJANGO_CHECK_PATH = "/bench/check"
 POLICY = """\
 model_classes:
   - name: frontier
@@ -75,8 +81,13 @@ tiers:
       - {scope: user_model, metric: requests, limit: 100000000, window: 3600}
       - {scope: user_model, metric: tokens, limit: 1000000000, window: 3600, model_class: frontier}
       - {scope: tenant, metric: requests, limit: 1000000000, window: 60}
+  - name: tiny
+    fail_mode: closed
+    limits:
+      - {scope: tenant, metric: requests, limit: 1, window: 3600}
 tenants:
   - {slug: bench, name: Benchmark, tier: standard}
+  - {slug: hot, name: Far over its limit, tier: tiny}
 """
 STATISTICS_DELAY = 11.0
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -544,6 +555,8 @@ def main() -> None:
         "QUOTA_KEY_PREFIX": prefix,
         "SECRET_KEY": os.environ.get("SECRET_KEY", "bench-" + secrets.token_hex(16)),
         "DEBUG": "false",
+        # Nothing in phases 1-3 is denied; phase 4's tenant is denied from it.
+        "QUOTA_OVER_LIMIT_CACHE_SECONDS": "5",
     }
     environ.pop("GUNICORN_CMD_ARGS", None)
     server = Server(environ, directory, arguments.workers)
@@ -560,10 +573,11 @@ def main() -> None:
         policy_file.write_text(POLICY)
         _manage(environ, "loadpolicy", str(policy_file))
         key = _manage(environ, "createapikey", "bench", "--name", "bench").splitlines()[-1]
+        hot_key = _manage(environ, "createapikey", "hot", "--name", "bench").splitlines()[-1]
         server.start()
         print(f"  set up in {time.monotonic() - started:.1f} s (database {database.name})")
         load = Load(loader, server.port, arguments.connections, directory)
-        _run(load, database, key, arguments)
+        _run(load, database, key, hot_key, arguments)
     finally:
         server.stop()
         database.drop()
@@ -575,7 +589,9 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _run(load: Load, database: Database, key: str, arguments: argparse.Namespace) -> None:
+def _run(
+    load: Load, database: Database, key: str, hot_key: str, arguments: argparse.Namespace
+) -> None:
     seconds = arguments.seconds
     # Warm up both: every worker verifies the key, loads the policy, loads the scripts.
     load.run(CHECK_PATH, key, 1.0)
@@ -642,6 +658,23 @@ def _run(load: Load, database: Database, key: str, arguments: argparse.Namespace
     print(_row("the flood: bogus keys -> 401", flood))
     increase = flooded.p99_ms / alone.p99_ms - 1
     print(f"  valid p99 increase: {increase * 100:+.1f} %   (goal <= +10 %)")
+
+    # Every worker answers one denial through Django first (it learns the answer's headers
+    # there) and the full check fills its over-limit cache.
+    load.run(CHECK_PATH, hot_key, 1.0)
+    load.run(DJANGO_CHECK_PATH, hot_key, 1.0)
+    fronts: list[Result] = []
+    djangos: list[Result] = []
+    for _ in range(arguments.rounds):
+        fronts.append(load.run(CHECK_PATH, hot_key, seconds))
+        djangos.append(load.run(DJANGO_CHECK_PATH, hot_key, seconds))
+    front, django = _combined(fronts), _combined(djangos)
+    print(
+        "\nA tenant far over its limit (every check denied from the over-limit cache), alternating:"
+    )
+    print(_row("POST /api/v1/check (the front)", front))
+    print(_row("POST /bench/check (Django)", django))
+    print(f"  ratio front / Django: {front.rps / django.rps:.2f}x")
     print(
         json.dumps(
             {
@@ -653,6 +686,10 @@ def _run(load: Load, database: Database, key: str, arguments: argparse.Namespace
                 "baseline_p50_ms": baseline.p50_ms,
                 "baseline_p99_ms": baseline.p99_ms,
                 "p99_increase_under_bogus_flood": round(increase, 3),
+                "denied_front_rps": round(front.rps),
+                "denied_django_rps": round(django.rps),
+                "denied_front_p99_ms": front.p99_ms,
+                "denied_django_p99_ms": django.p99_ms,
             }
         )
     )

@@ -2,7 +2,10 @@
 
 ``POST /bench/evalsha`` is the least a DRF endpoint in front of a Redis limiter can do:
 the same middleware, JSON parser and renderer as ``/api/v1/check``, then one EVALSHA of a
-one-line script, no authentication and no policy. It lives here, not in the product.
+one-line script, no authentication and no policy. ``POST /bench/check`` is the check API's
+own view under another path: the WSGI front that answers known denials before Django
+(limits/cached_denials.py) answers only the API's path, so Django answers this one. Both
+live here, not in the product.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from limits.views import CheckView
 from quota_platform.urls import urlpatterns as project_urlpatterns
 
 SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -49,5 +53,6 @@ _api = next(
 urlpatterns = [
     *project_urlpatterns[:_api],
     path("bench/evalsha", EvalshaView.as_view(), name="bench-evalsha"),
+    path("bench/check", CheckView.as_view(), name="bench-check"),
     *project_urlpatterns[_api:],
 ]

@@ -127,7 +127,7 @@ class CachedDenialsFront:
         if scheme.lower() != "bearer":
             return None
         client = api_client_cached(credentials)
-        if client is None:
+        if client is None or not engine.known_denials_possible(client.tenant_id):
             return None
         content_type = environ.get("CONTENT_TYPE", "")
         if content_type.split(";", 1)[0].strip().lower() != "application/json":

@@ -604,6 +604,14 @@ def _cached_denial(
     return _decision(plan, call, answer, degraded=False)
 
 
+def known_denials_possible(tenant_id: int) -> bool:
+    """Whether ``check_known_denied`` could answer a check of this tenant at all: the cache
+    is on and holds a full window of the tenant's, or of a global capacity. Cheap enough to
+    ask before a request's body is read."""
+    cache = over_limit_cache()
+    return cache is not None and cache.may_deny(tenant_tag(tenant_id))
+
+
 def check_known_denied(
     tenant_id: int,
     user_id: str,

@@ -41,6 +41,11 @@ class OverLimitCache:
         self.seconds = seconds
         self.max_entries = max_entries
         self._windows: dict[str, FullWindow] = {}
+        # Entries per hash tag ("…{t:<tenant>}", "…{g:<class>}"): whether a check could be
+        # answered here, asked before its body is even read (limits/cached_denials.py).
+        self._tags: dict[str, int] = {}
+        self._global = 0  # entries of global capacity windows, which deny every tenant
+        self._next_sweep = 0.0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -61,7 +66,7 @@ class OverLimitCache:
             if now is None:
                 now = time.monotonic()
             if entry.version != version or entry.expires <= now:
-                windows.pop(key, None)
+                self.forget(key)
                 continue
             return index, key, entry
         return None
@@ -72,16 +77,55 @@ class OverLimitCache:
         with self._lock:
             windows = self._windows
             if key not in windows and len(windows) >= self.max_entries:
-                for old in [k for k, v in windows.items() if v.expires <= now]:
-                    del windows[old]
+                self._drop_expired(now)
                 if len(windows) >= self.max_entries:
                     # Full of live entries: a tenant spreading over very many users. Start
                     # again rather than track ages; each entry costs one check to refill.
-                    windows.clear()
+                    self._clear()
+            if key not in windows:
+                self._count(key, 1)
             windows[key] = entry
 
+    def may_deny(self, tenant_tag: str) -> bool:
+        """Whether a check of this tenant (its hash tag, ``engine.tenant_tag``) could meet a
+        window known here: an entry of the tenant's, or of a global capacity."""
+        if not self._windows:
+            return False
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            # Expired entries of users who stopped sending would otherwise keep answering
+            # "maybe" for their tenant's other users.
+            with self._lock:
+                self._next_sweep = now + 1.0
+                self._drop_expired(now)
+        return self._global > 0 or self._tags.get(tenant_tag, 0) > 0
+
     def forget(self, key: str) -> None:
-        self._windows.pop(key, None)
+        with self._lock:
+            if self._windows.pop(key, None) is not None:
+                self._count(key, -1)
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _drop_expired(self, now: float) -> None:
+        for key in [k for k, v in self._windows.items() if v.expires <= now]:
+            del self._windows[key]
+            self._count(key, -1)
+
+    def _clear(self) -> None:
         self._windows.clear()
+        self._tags.clear()
+        self._global = 0
+
+    def _count(self, key: str, step: int) -> None:
+        tag = key[: key.find("}") + 1]
+        if ":{g:" in tag:
+            self._global += step
+            return
+        left = self._tags.get(tag, 0) + step
+        if left > 0:
+            self._tags[tag] = left
+        else:
+            self._tags.pop(tag, None)

@@ -276,6 +276,30 @@ def test_the_cache_forgets_expired_entries_and_starts_again_when_full_of_live_on
     assert "k5" not in cache._windows
 
 
+def test_the_cache_says_which_tenants_it_could_answer_before_a_body_is_read():
+    cache = OverLimitCache(seconds=60, max_entries=10)
+    assert not cache.may_deny("q:{t:1}")
+    cache.remember("q:{t:1}:w:u1:gpt", until_us=1, retry_seconds=60, version=1)
+    cache.remember("q:{t:1}:w:all", until_us=1, retry_seconds=60, version=1)
+    assert cache.may_deny("q:{t:1}") and not cache.may_deny("q:{t:2}")
+    cache.forget("q:{t:1}:w:all")
+    assert cache.may_deny("q:{t:1}")
+    cache.forget("q:{t:1}:w:u1:gpt")
+    assert not cache.may_deny("q:{t:1}")
+    # A full global capacity denies every tenant's checks of its class.
+    cache.remember("q:{g:frontier}:w:all", until_us=1, retry_seconds=60, version=1)
+    assert cache.may_deny("q:{t:2}")
+    cache.clear()
+    assert not cache.may_deny("q:{t:2}")
+    # Entries that expired stop counting by the next sweep (at most a second later), even
+    # when no check of theirs comes to find them.
+    cache.remember("q:{t:3}:w:u9:gpt", until_us=1, retry_seconds=0, version=1)
+    cache.remember("q:{t:4}:w:all", until_us=1, retry_seconds=60, version=1)
+    cache._next_sweep = 0.0
+    assert not cache.may_deny("q:{t:3}") and cache.may_deny("q:{t:4}")
+    assert len(cache) == 1
+
+
 def test_a_cached_denial_over_http_has_the_check_apis_body_and_headers(policy, client, calls):
     from limits.services import SYSTEM, apikey_create
 
