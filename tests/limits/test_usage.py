@@ -295,17 +295,21 @@ def lost_check(world, own_redis, request_id: str) -> engine.Decision:
         busy.join(timeout=5)
 
 
-def record(world, request_id: str) -> dict[str, str]:
-    key = f"{engine.tenant_tag(world.alice.pk)}:req:{request_id}"
-    client = engine.backend()._client()
-    return dict(client.hgetall(key))
+def usage_stream(world) -> list[tuple[str, dict]]:
+    """The tenant's usage stream: (kind, event) of each entry, oldest first."""
+    stream = f"{engine.tenant_tag(world.alice.pk)}:events"
+    entries = engine.backend()._client().xrange(stream)
+    return [(fields["k"], json.loads(fields["e"])) for _, fields in entries]
 
 
-def wait_for_record(world, request_id: str) -> dict[str, str]:
+def wait_for_check_event(world, request_id: str) -> bool:
+    """Whether Redis ran the check (its usage event is in the stream), within 5 s."""
     deadline = time.monotonic() + 5
-    while not (found := record(world, request_id)) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if ("check", request_id) in [(k, e["request_id"]) for k, e in usage_stream(world)]:
+            return True
         time.sleep(0.05)
-    return found
+    return False
 
 
 def test_a_check_admitted_while_its_caller_was_told_denied_is_settled_as_cancelled(
@@ -318,7 +322,7 @@ def test_a_check_admitted_while_its_caller_was_told_denied_is_settled_as_cancell
     assert DeferredUsageReport.objects.get().lost_answer
     assert counted("lost_answer") == checked_before + 1
     # Redis runs the check after all: admitted, 100 tokens taken.
-    assert wait_for_record(closed, "lost-1")["d"].startswith("1;")
+    assert wait_for_check_event(closed, "lost-1")
     assert tokens_left(closed.alice) == TOKENS_PER_HOUR - 100
 
     with caplog.at_level(logging.WARNING, logger="limits.usage"):
@@ -326,21 +330,21 @@ def test_a_check_admitted_while_its_caller_was_told_denied_is_settled_as_cancell
 
     assert result == applied_as(0, 0, False, cancelled=1)
     assert kept() == []
-    assert record(closed, "lost-1")["s"] == "0;0;cancelled"
     assert tokens_left(closed.alice) == TOKENS_PER_HOUR  # its estimate given back
     # The usage stream says so: billing settles the check at no tokens, no cost.
-    stream = f"{engine.tenant_tag(closed.alice.pk)}:events"
-    ((_, last),) = engine.backend()._client().xrevrange(stream, count=1)
-    event = json.loads(last["e"])
-    assert (last["k"], event["input_tokens"], event["output_tokens"], event["status"]) == (
+    kind, event = usage_stream(closed)[-1]
+    assert (kind, event["request_id"], event["input_tokens"], event["output_tokens"]) == (
         "commit",
+        "lost-1",
         0,
         0,
-        "cancelled",
     )
+    assert event["status"] == "cancelled"
     assert "settled as cancelled" in caplog.text
     # Its caller, told it was denied, reports nothing; a report all the same changes nothing.
-    assert report(closed.alice, "lost-1").repeated
+    assert report(closed.alice, "lost-1") == UsageOutcome(
+        "lost-1", 0, 0, "cancelled", repeated=True, deferred=False
+    )
 
 
 def test_a_lost_check_redis_never_ran_leaves_nothing_to_cancel(closed, own_redis, caplog):
@@ -376,7 +380,7 @@ def test_a_lost_check_answered_allowed_by_the_fail_mode_keeps_no_cancellation(me
 
 def test_the_clients_own_report_takes_the_place_of_a_kept_cancellation(closed, own_redis):
     lost_check(closed, own_redis, "lost-2")
-    assert wait_for_record(closed, "lost-2")["d"].startswith("1;")
+    assert wait_for_check_event(closed, "lost-2")
     # The client repeats its request id once Redis answers: the first decision stands, it
     # was admitted, and runs the inference; its report comes while Redis is away.
     engine.reset_state()
@@ -391,4 +395,6 @@ def test_the_clients_own_report_takes_the_place_of_a_kept_cancellation(closed, o
     assert not DeferredUsageReport.objects.get().lost_answer
 
     assert deferred_usage_apply_task() == applied_as(1, 0, False)
-    assert record(closed, "lost-2")["s"] == "150;50;ok"
+    assert engine.commit(closed.alice.pk, "lost-2", 1, 1) == engine.Settlement(
+        "lost-2", 150, 50, "ok", repeated=True
+    )
