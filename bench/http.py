@@ -23,7 +23,8 @@ in rounds on the same server:
    the over-limit cache on, ``QUOTA_OVER_LIMIT_CACHE_SECONDS=5``): ``POST /api/v1/check``,
    answered by the WSGI front before Django (limits/cached_denials.py), alternating with
    ``POST /bench/check`` (bench/http_urls.py: the same view under another path, so Django
-   answers it, from the same cache): requests per second, p50, p99 and their ratio.
+   answers it, from the same cache): requests per second, p50, p99, the gunicorn workers'
+   CPU time per answer (from /proc), and their ratios.
 
 The load comes from wrk when it is installed (Debian package ``wrk``), else from Python
 processes with http.client connections. Everything it made is removed at the end: the
@@ -191,6 +192,23 @@ class Server:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not start; see {self.log_path}")
+
+    def workers_cpu_seconds(self) -> float:
+        """CPU time (user + system) the gunicorn workers have used so far, from /proc."""
+        assert self.process is not None
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) == self.process.pid:  # ppid: a worker of this server
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -577,7 +595,7 @@ def main() -> None:
         server.start()
         print(f"  set up in {time.monotonic() - started:.1f} s (database {database.name})")
         load = Load(loader, server.port, arguments.connections, directory)
-        _run(load, database, key, hot_key, arguments)
+        _run(load, server, database, key, hot_key, arguments)
     finally:
         server.stop()
         database.drop()
@@ -590,7 +608,12 @@ def main() -> None:
 
 
 def _run(
-    load: Load, database: Database, key: str, hot_key: str, arguments: argparse.Namespace
+    load: Load,
+    server: Server,
+    database: Database,
+    key: str,
+    hot_key: str,
+    arguments: argparse.Namespace,
 ) -> None:
     seconds = arguments.seconds
     # Warm up both: every worker verifies the key, loads the policy, loads the scripts.
@@ -665,16 +688,24 @@ def _run(
     load.run(DJANGO_CHECK_PATH, hot_key, 1.0)
     fronts: list[Result] = []
     djangos: list[Result] = []
+    # The workers' own CPU per answer: unlike the rates, it does not move with what else
+    # the machine (the load processes included) is doing.
+    cpu = {CHECK_PATH: 0.0, DJANGO_CHECK_PATH: 0.0}
     for _ in range(arguments.rounds):
-        fronts.append(load.run(CHECK_PATH, hot_key, seconds))
-        djangos.append(load.run(DJANGO_CHECK_PATH, hot_key, seconds))
+        for path, results in ((CHECK_PATH, fronts), (DJANGO_CHECK_PATH, djangos)):
+            before = server.workers_cpu_seconds()
+            results.append(load.run(path, hot_key, seconds))
+            cpu[path] += server.workers_cpu_seconds() - before
     front, django = _combined(fronts), _combined(djangos)
+    front_cpu = cpu[CHECK_PATH] / front.requests * 1e6
+    django_cpu = cpu[DJANGO_CHECK_PATH] / django.requests * 1e6
+    print("\nA tenant far over its limit (every check denied from the over-limit cache):")
+    print(_row("POST /api/v1/check (the front)", front) + f"   {front_cpu:5.0f} µs CPU each")
+    print(_row("POST /bench/check (Django)", django) + f"   {django_cpu:5.0f} µs CPU each")
     print(
-        "\nA tenant far over its limit (every check denied from the over-limit cache), alternating:"
+        f"  ratio front / Django: {front.rps / django.rps:.2f}x the rate, "
+        f"{front_cpu / django_cpu:.2f}x the workers' CPU per answer"
     )
-    print(_row("POST /api/v1/check (the front)", front))
-    print(_row("POST /bench/check (Django)", django))
-    print(f"  ratio front / Django: {front.rps / django.rps:.2f}x")
     print(
         json.dumps(
             {
@@ -689,6 +720,8 @@ def _run(
                 "denied_front_rps": round(front.rps),
                 "denied_django_rps": round(django.rps),
                 "denied_front_p99_ms": front.p99_ms,
+                "denied_front_cpu_us": round(front_cpu),
+                "denied_django_cpu_us": round(django_cpu),
                 "denied_django_p99_ms": django.p99_ms,
             }
         )
