@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -59,6 +60,8 @@ from limits.backends import (
 )
 from limits.overlimit import OverLimitCache
 from limits.policystore import Policy, PolicyStore
+
+logger = logging.getLogger(__name__)
 
 NANO = Decimal(10) ** 9
 MICRO = Decimal(10) ** 6
@@ -705,7 +708,10 @@ def _cancel_lost_check(tenant_id: int, request_id: str) -> None:
     cancelled, using nothing (and finds nothing when the check never ran)."""
     from limits.usage import lost_check_cancel
 
-    lost_check_cancel(tenant_id=tenant_id, request_id=request_id)
+    try:
+        lost_check_cancel(tenant_id=tenant_id, request_id=request_id)
+    except Exception:  # noqa: BLE001 - the caller gets its fail-mode answer whatever this does
+        logger.exception("quota: the cancellation of a lost check was not kept")
 
 
 def _without_policy(request_id: str, version: int, mode: str) -> Decision:
