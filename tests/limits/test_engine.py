@@ -226,6 +226,8 @@ class Store:
         kind = self.client.type(key)
         if kind == "zset":
             return [(m, int(s)) for m, s in self.client.zrange(key, 0, -1, withscores=True)]
+        if kind == "list":
+            return self.client.lrange(key, 0, -1)
         if kind == "hash":
             return self.client.hgetall(key)
         if kind == "stream":
@@ -994,7 +996,7 @@ def test_user_ids_with_any_characters_never_share_a_window(policy, store):
 
     assert first == [True] * len(ODD_USERS)
     assert second == [False] * len(ODD_USERS)
-    windows = [key for key in store.counted() if ":w:" in key]
+    windows = [key for key in store.counted() if ":l:" in key]
     assert len(windows) == 2 * len(ODD_USERS)
 
 
@@ -1056,7 +1058,7 @@ def test_every_key_a_check_writes_expires(policy, store, settings, clock):
             # The usage stream is billing's queue: drained and trimmed, never expired.
             assert ttl is None
             continue
-        window = re.search(r":w:\w+:(\d+):", key)
+        window = re.search(r":l:\w+:(\d+):", key)
         bound = 2 * int(window[1]) * 1000 if window else None
         for part, limit in bounds.items():
             if part in key:
@@ -1067,7 +1069,7 @@ def test_every_key_a_check_writes_expires(policy, store, settings, clock):
         if ":req:" in key:
             assert ttl > bound - 60_000  # a repeat within the longest window is recognised
     assert seen == set(bounds)
-    assert sum(":w:" in key for key in ttls) == 6  # 4 windows, the token sum, the shadow
+    assert sum(":l:" in key for key in ttls) == 6  # 4 windows, the token sum, the shadow
 
 
 def test_an_unknown_model_or_tenant_is_refused_and_writes_no_key(policy, store):
