@@ -50,8 +50,9 @@ window and gives its reset, LLEN counts, LPUSH adds; nothing is removed or re-re
 nothing has left. A token log keeps an entry for every check (no tokens too), so commit.lua
 finds it where it is and rewrites it in place. A key's expiry is set only when its oldest
 entry changes (see "Expiry" below). The record is one string, written with its expiry in
-one SET. Inside Lua: numerals are parsed once (number() below), the stored answer is written
-by one string.format, a limit's table is made at its full size.
+one SET. Inside Lua (whose interpreter, counted, costs tens of instructions a bytecode):
+numerals are parsed once ("+ 0"), the stored answer is written by one string.format, a
+limit's state is one array made in one go, and the limits' arguments are read where needed.
 Measured with callgrind on a Redis of its own, a 5-rule check: see bench/README.md.
 
 Time order: Redis TIME and the test clock only move forward in practice; should the clock
@@ -59,6 +60,7 @@ step back, an entry pushed then sits before older ones, and the log counts it un
 entries behind it have left: it may deny for longer, never admit more.
 ]]
 
+local KEYS, ARGV = KEYS, ARGV
 local record_key, stream_key, denied_key, shadow_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member, mode = ARGV[2], ARGV[3]
 local call = redis.call
@@ -78,12 +80,8 @@ if mode == "check" then
   end
 end
 
--- tonumber() parses a numeral twice (is it one? then its value); arithmetic parses it once.
--- For text that is a numeral or nil: what this script reads from ARGV and its own keys.
-local function number(value)
-  return value and value + 0
-end
-
+-- Numerals (ARGV, replies) are read with "+ 0": tonumber() parses a numeral twice (is it
+-- one? then its value), arithmetic once.
 local now_text
 if ARGV[1] ~= "" then
   now_text = ARGV[1]
@@ -92,11 +90,11 @@ else
   -- Seconds and zero-padded microseconds joined as text: no number formatting needed.
   now_text = t[1] .. string.sub("00000" .. t[2], -6)
 end
-local now = number(now_text)
+local now = now_text + 0
 
 local floor = math.floor
 local DAY = 86400000000
-local tokens, cost = number(ARGV[8]), number(ARGV[9])
+local tokens, cost = ARGV[8] + 0, ARGV[9] + 0
 local peek = mode == "peek"
 
 local function civil_from_days(days)
@@ -134,74 +132,63 @@ local function period_of(code)
 end
 
 -- A log entry: "<time>:<member>" (requests) or "<time>:<tokens>:<member>" (tokens).
-local function time_of(entry)
-  return match(entry, "^%d+") + 0
-end
-
 local function weight_of(entry)
   return match(entry, "^%d+:(%d+):") + 0
 end
 
 --[[
-Removes the entries of a log (a list, newest first) at or before cutoff. Returns the time of
-the oldest entry left (nil when none), the weight that left (token logs: the sum of their
-"<tokens>:" fields), and whether anything left.
+Removes the entries of a log (a list, newest first) at or before cutoff, given its last
+(oldest) entry, which is one of them. Returns the time of the oldest entry left (nil when none) and the
+weight that left (token logs: the sum of their "<tokens>:" fields).
 
-The oldest entry is the last one, and one read of it covers the usual cases: nothing has
-left, or only it has (a steady flow moves a window by about one entry a check). Only when
-more have left is the whole log read, once.
+The caller has read the last entry: that one read covers the usual cases, nothing has left
+or only it has (a steady flow moves a window by about one entry a check). Only when more
+have left is the whole log read, once.
 ]]
-local function trim_log(key, cutoff, weighted)
-  local last = call("LINDEX", key, "-1")
-  if not last then
-    return nil, 0, false
-  end
-  local oldest = time_of(last)
-  if oldest > cutoff then
-    return oldest, 0, false
-  end
+local function trim_log(key, cutoff, weighted, last)
   local gone = 0
   for _ = 1, 2 do
     call("RPOP", key)
     if weighted then gone = gone + weight_of(last) end
     last = call("LINDEX", key, "-1")
     if not last then
-      return nil, gone, true
+      return nil, gone
     end
-    oldest = time_of(last)
+    local oldest = match(last, "^%d+") + 0
     if oldest > cutoff then
-      return oldest, gone, true
+      return oldest, gone
     end
   end
   local entries = call("LRANGE", key, "0", "-1")
   local keep = #entries
-  while keep > 0 and time_of(entries[keep]) <= cutoff do
+  while keep > 0 and match(entries[keep], "^%d+") + 0 <= cutoff do
     if weighted then gone = gone + weight_of(entries[keep]) end
     keep = keep - 1
   end
   if keep == 0 then
     call("DEL", key)
-    return nil, gone, true
+    return nil, gone
   end
   call("LTRIM", key, "0", keep - 1)
-  return time_of(entries[keep]), gone, true
+  return match(entries[keep], "^%d+") + 0, gone
 end
 
 -- Concurrency leases (a sorted set by expiry): removes those expired at cutoff; the earliest
 -- expiry left, or nil. Read as the two earliest, as a log's trim above.
 local function trim_leases(key, cutoff)
   local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
-  local first = number(head[2])
+  local first = head[2] and head[2] + 0
   if first == nil or first > cutoff then
     return first
   end
-  local second = number(head[4])
+  local second = head[4] and head[4] + 0
   if second == nil or second > cutoff then
     call("ZREM", key, head[1])
     return second
   end
   call("ZREMRANGEBYSCORE", key, "-inf", cutoff)
-  return number(call("ZRANGE", key, "0", "0", "WITHSCORES")[2])
+  local rest = call("ZRANGE", key, "0", "0", "WITHSCORES")[2]
+  return rest and rest + 0
 end
 
 --[[
@@ -214,119 +201,148 @@ o + 2 x window; every entry added meanwhile arrives while o is still in the wind
 commit.lua keeps the same rule when it changes an entry.
 ]]
 
-local count = number(ARGV[10])
+local count = ARGV[10] + 0
+-- Per limit, what the second pass needs, as an array made in one go (a table with named
+-- fields costs a hash part and a store each):
+-- {kind, key, used, oldest, needed, window, fresh, sum key, ARGV base, a, b, c, d}, where
+-- a… are a budget's field, period end and stale field, or an "x" limit's where it stands
+-- and its line.
 local limits = {}
 local key_index = 5
 local allowed = true
 local denied_index, retry = 0, -1
 local shadow_mask = ""
+local base = 10
+local check = mode == "check"
+-- Two rules with the same key (say a shadow rule beside an enforced one) share one log: the
+-- second reads what the first found, and a check is one entry in it.
+local first_of = {}
 
 for i = 1, count do
-  local base = 10 + (i - 1) * 6
-  local kind = ARGV[base + 1]
-  local item = {
-    kind = kind,
-    limit = number(ARGV[base + 2]),
-    span = ARGV[base + 3],
-    ttl = ARGV[base + 4],
-    shadow = ARGV[base + 5] == "1",
-    label = ARGV[base + 6],
-    -- Named here, though set below, so that the table is made at its full size once.
-    key = nil, sum_key = nil, weight = nil, needed = nil, window = nil, oldest = nil,
-    used = nil, fresh = nil,
-  }
-  if kind ~= "x" then
-    item.key = KEYS[key_index]
-    key_index = key_index + 1
-  end
-  local weight = 1
-  if kind == "t" or kind == "k" then
-    weight = tokens
-  elseif kind == "m" then
-    weight = cost
-  end
-  if peek then weight = 0 end
-  item.weight = weight
-  local needed = weight
-
+  local kind, limit, span = ARGV[base + 1], ARGV[base + 2] + 0, ARGV[base + 3]
+  local key, sum_key, oldest, window, a, b, c, d
+  local used, fresh, needed = 0, false, 1
   if kind == "r" then
-    local window = number(item.span)
-    item.window = window
-    local oldest, _, left = trim_log(item.key, now - window, false)
-    item.oldest = oldest
-    item.used = oldest and call("LLEN", item.key) or 0
-    if left and item.used > 0 then call("PEXPIRE", item.key, item.ttl) end
-    item.fresh = item.used == 0
-  elseif kind == "t" then
-    local window = number(item.span)
-    item.window = window
-    item.sum_key = KEYS[key_index]
+    key = KEYS[key_index]
     key_index = key_index + 1
-    local gone, left
-    item.oldest, gone, left = trim_log(item.key, now - window, true)
-    if gone > 0 then
-      item.used = call("DECRBY", item.sum_key, gone)
-      if item.used <= 0 then
-        call("DEL", item.sum_key)
-        item.used = 0
+    window = span + 0
+    local first = first_of[key]
+    if first then
+      used, oldest = first[3], first[4]
+    else
+      local last = call("LINDEX", key, "-1")
+      if last then
+        oldest = match(last, "^%d+") + 0
+        local cutoff = now - window
+        if oldest <= cutoff then
+          oldest = trim_log(key, cutoff, false, last)
+          -- What is left must outlive itself: see "Expiry".
+          if oldest then call("PEXPIRE", key, ARGV[base + 4]) end
+        end
+      end
+      if check then
+        -- Added before the decision, as LPUSH answers the count; taken back (LPOP) below
+        -- when the check is denied. Nothing runs in between.
+        used = call("LPUSH", key, now_text .. ":" .. member) - 1
+      elseif oldest then
+        used = call("LLEN", key)
+      end
+    end
+    fresh = used == 0
+    if peek then needed = 0 end
+  elseif kind == "t" then
+    key, sum_key = KEYS[key_index], KEYS[key_index + 1]
+    key_index = key_index + 2
+    window = span + 0
+    if not peek then needed = tokens else needed = 0 end
+    local gone = 0
+    local first = first_of[key]
+    local last = not first and call("LINDEX", key, "-1")
+    if first then
+      used, oldest = first[3], first[4]
+    elseif last then
+      oldest = match(last, "^%d+") + 0
+      local cutoff = now - window
+      if oldest <= cutoff then
+        oldest, gone = trim_log(key, cutoff, true, last)
+        if oldest then
+          call("PEXPIRE", key, ARGV[base + 4])
+          call("PEXPIRE", sum_key, ARGV[base + 4])
+        end
+      end
+    end
+    if first then
+      -- read above
+    elseif gone > 0 then
+      used = call("DECRBY", sum_key, gone)
+      if used <= 0 then
+        call("DEL", sum_key)
+        used = 0
       end
     else
-      item.used = number(call("GET", item.sum_key) or "0")
+      used = (call("GET", sum_key) or 0) + 0
     end
-    if left and item.oldest then
-      call("PEXPIRE", item.key, item.ttl)
-      call("PEXPIRE", item.sum_key, item.ttl)
-    end
-    item.fresh = item.oldest == nil
+    fresh = oldest == nil
   elseif kind == "c" then
-    item.oldest = trim_leases(item.key, now)
-    item.used = item.oldest and call("ZCARD", item.key) or 0
+    oldest = trim_leases(KEYS[key_index], now)
+    key = KEYS[key_index]
+    key_index = key_index + 1
+    if oldest then used = call("ZCARD", key) end
+    if peek then needed = 0 end
   elseif kind == "x" then
     local kept_used, kept_reset, counted_used, counted_reset, line =
-      match(item.ttl, "^(%S+) (%S+) (%S+) (%S+)\n?(.*)$")
-    item.used, item.kept_reset = tonumber(kept_used), tonumber(kept_reset)
-    item.counted_used, item.counted_reset = tonumber(counted_used), tonumber(counted_reset)
-    item.line = line
+      match(ARGV[base + 4], "^(%S+) (%S+) (%S+) (%S+)\n?(.*)$")
+    used, a, b, c, d = kept_used + 0, kept_reset + 0, counted_used + 0, counted_reset + 0, line
+    needed = 0
   else
-    item.field, item.period_end, item.stale_field = period_of(item.span)
-    item.used = tonumber(call("HGET", item.key, item.field) or "0")
+    key = KEYS[key_index]
+    key_index = key_index + 1
+    a, b, c = period_of(span)
+    used = (call("HGET", key, a) or 0) + 0
+    if peek then
+      needed = 0
+    elseif kind == "k" then
+      needed = tokens
+    else
+      needed = cost
+    end
   end
-  if kind == "r" or kind == "c" then needed = peek and 0 or 1 end
 
   -- A check needs room for at least one unit even when it estimates no tokens: a spent
   -- token limit or budget denies every check, not only those that announce tokens.
-  local room = math.max(needed, 1)
+  local room = needed > 1 and needed or 1
   local wait
   if kind == "x" then
-    if item.span ~= "" then wait = tonumber(item.span) end
-  elseif item.used + room > item.limit and not peek then
+    if span ~= "" then wait = span + 0 end
+  elseif used + room > limit and not peek then
     wait = -2
     if kind == "r" then
-      -- The entry that must leave for one more to fit: the limit-th newest.
-      if item.limit > 0 then
-        local entry = call("LINDEX", item.key, item.limit - 1)
-        if entry then wait = time_of(entry) + item.window - now end
+      -- The entry that must leave for one more to fit: the limit-th newest, past the one
+      -- this check added.
+      if limit > 0 then
+        local entry = call("LINDEX", key, check and limit or limit - 1)
+        if entry then wait = match(entry, "^%d+") + window - now end
       end
     elseif kind == "t" then
-      if room <= item.limit then
-        local entries = call("LRANGE", item.key, "0", "-1")
-        local remaining_sum = item.used
+      if room <= limit then
+        local entries = call("LRANGE", key, "0", "-1")
+        local remaining_sum = used
         for j = #entries, 1, -1 do
           remaining_sum = remaining_sum - weight_of(entries[j])
-          if remaining_sum + room <= item.limit then
-            wait = time_of(entries[j]) + item.window - now
+          if remaining_sum + room <= limit then
+            wait = match(entries[j], "^%d+") + window - now
             break
           end
         end
       end
     elseif kind == "c" then
-      if item.oldest then wait = item.oldest - now end
+      if oldest then wait = oldest - now end
     else
-      if room <= item.limit then wait = item.period_end - now end
+      if room <= limit then wait = b - now end
     end
   end
   if wait then
-    if item.shadow then
+    if ARGV[base + 5] == "1" then
       shadow_mask = shadow_mask .. i .. ","
     else
       allowed = false
@@ -337,95 +353,102 @@ for i = 1, count do
       end
     end
   end
-  item.needed = needed
+  local item = {kind, key, used, oldest, needed, window, fresh, sum_key, base, a, b, c, d}
   limits[i] = item
+  if key and not first_of[key] then first_of[key] = item end
+  base = base + 6
 end
 
-local consume = allowed and mode == "check"
-local consumed = {}
--- Two rules with the same key (say a shadow rule beside an enforced one) share one log: a
--- check is one entry in it.
-local pushed = {}
+local consume = allowed and check
+-- A dry run that would pass answers as if it had counted.
+local grow = consume or (mode == "dry" and allowed)
+local consumed, lines = {}, 0
 local result = {allowed and 1 or 0, now_text, denied_index, retry}
+local n = 4
 
 for i = 1, count do
   local item = limits[i]
-  local kind = item.kind
-  local used = item.used
-  local oldest = item.oldest
+  local kind, key, used, oldest = item[1], item[2], item[3], item[4]
   local reset = 0
-  if kind == "x" then
-    if consume or (mode == "dry" and allowed) then
-      used, reset = item.counted_used, item.counted_reset
-      if consume and item.line ~= "" then consumed[#consumed + 1] = item.line end
-    else
-      reset = item.kept_reset
-    end
-  elseif consume then
-    if kind == "r" then
-      if item.fresh then oldest = now end
-      if not pushed[item.key] then
-        pushed[item.key] = true
-        call("LPUSH", item.key, now_text .. ":" .. member)
-        if item.fresh then call("PEXPIRE", item.key, item.ttl) end
-      end
-    elseif kind == "t" then
-      if item.fresh then oldest = now end
-      if not pushed[item.key] then
-        pushed[item.key] = true
-        -- Every check has its entry, with no tokens too: commit finds it in its place.
-        call("LPUSH", item.key, now_text .. ":" .. ARGV[8] .. ":" .. member)
-        if item.fresh then call("PEXPIRE", item.key, item.ttl) end
-        -- A sum that did not exist (or was spent) has no expiry yet.
-        if item.weight > 0 and (call("INCRBY", item.sum_key, ARGV[8]) == item.weight
-            or item.fresh) then
-          call("PEXPIRE", item.sum_key, item.ttl)
+  if kind == "r" or kind == "t" then
+    local first = first_of[key] == item
+    if consume then
+      local fresh = item[7]
+      if fresh then oldest = now end
+      local ttl = ARGV[item[9] + 4]
+      if kind == "r" then
+        if first and fresh then call("PEXPIRE", key, ttl) end
+      else
+        local sum_key = item[8]
+        if first then
+          -- Every check has its entry, with no tokens too: commit finds it in its place.
+          call("LPUSH", key, now_text .. ":" .. ARGV[8] .. ":" .. member)
+          if fresh then call("PEXPIRE", key, ttl) end
+          -- A sum that did not exist (or was spent) has no expiry yet.
+          if tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
+            call("PEXPIRE", sum_key, ttl)
+          end
         end
+        lines = lines + 1
+        consumed[lines] = "t\t" .. key .. "\t" .. sum_key .. "\t" .. ARGV[8] .. "\t" .. now_text
+          .. "\t" .. ARGV[item[9] + 3]
       end
-      -- One concatenation makes one string; table.concat would make a table and a string.
-      consumed[#consumed + 1] = "t\t" .. item.key .. "\t" .. item.sum_key .. "\t" .. ARGV[8]
-        .. "\t" .. now_text .. "\t" .. item.span
-    elseif kind == "c" then
-      local expires = now + tonumber(item.span)
-      if call("ZADD", item.key, expires, member) == 0 then
+    end
+    if check and not allowed and first and kind == "r" then call("LPOP", key) end
+    if grow then used = used + item[5] end
+    if oldest then
+      reset = oldest + item[6] - now
+    elseif used > 0 then
+      reset = item[6]
+    end
+  elseif kind == "x" then
+    if grow then
+      used, reset = item[11], item[12]
+      if consume and item[13] ~= "" then
+        lines = lines + 1
+        consumed[lines] = item[13]
+      end
+    else
+      reset = item[10]
+    end
+  elseif kind == "c" then
+    if consume then
+      local expires = now + ARGV[item[9] + 3]
+      if call("ZADD", key, expires, member) == 0 then
         -- The member was there already (a request id seen before its record): its score
         -- moved, so read the earliest again.
-        oldest = tonumber(call("ZRANGE", item.key, "0", "0", "WITHSCORES")[2])
+        oldest = call("ZRANGE", key, "0", "0", "WITHSCORES")[2] + 0
       elseif oldest == nil or expires < oldest then
         oldest = expires
       end
       -- Every lease added pushes the expiry past the lease that expires last.
-      call("PEXPIRE", item.key, item.ttl)
-      consumed[#consumed + 1] = "c\t" .. item.key
-    else
-      call("HINCRBY", item.key, item.field, kind == "k" and ARGV[8] or ARGV[9])
-      call("HDEL", item.key, item.stale_field)
+      call("PEXPIRE", key, ARGV[item[9] + 4])
+      lines = lines + 1
+      consumed[lines] = "c\t" .. key
+    end
+    if grow then used = used + item[5] end
+    if oldest then reset = oldest - now end
+  else
+    local period_end = item[11]
+    if consume then
+      local amount = kind == "k" and ARGV[8] or ARGV[9]
+      call("HINCRBY", key, item[10], amount)
+      call("HDEL", key, item[12])
       -- Kept one period past its end so late usage reports still correct it; relative to
       -- this script's clock, which tests may move.
-      local keep = item.span == "d" and DAY or 31 * DAY
-      call("PEXPIRE", item.key, floor((item.period_end + keep - now) / 1000))
-      consumed[#consumed + 1] = kind .. "\t" .. item.key .. "\t" .. item.field .. "\t"
-        .. (kind == "k" and ARGV[8] or ARGV[9])
+      local keep = ARGV[item[9] + 3] == "d" and DAY or 31 * DAY
+      call("PEXPIRE", key, floor((period_end + keep - now) / 1000))
+      lines = lines + 1
+      consumed[lines] = kind .. "\t" .. key .. "\t" .. item[10] .. "\t" .. amount
     end
-    used = used + item.needed
-  elseif mode == "dry" and allowed then
-    used = used + item.needed
+    if grow then used = used + item[5] end
+    reset = period_end - now
   end
-  if kind == "r" or kind == "t" then
-    if oldest then
-      reset = oldest + item.window - now
-    elseif used > 0 then
-      reset = item.window
-    end
-  elseif kind == "c" then
-    if oldest then reset = oldest - now end
-  elseif kind ~= "x" then
-    reset = item.period_end - now
-  end
-  result[#result + 1] = used
-  result[#result + 1] = reset
+  result[n + 1] = used
+  result[n + 2] = reset
+  n = n + 2
 end
-result[#result + 1] = shadow_mask
+result[n + 1] = shadow_mask
 
 if mode == "check" then
   -- The answer as text in one go: "%d" writes every whole number exactly (Lua's own
@@ -438,7 +461,7 @@ if mode == "check" then
     .. table.concat(consumed, "\n"), "PX", ARGV[4])
   if shadow_mask ~= "" then
     for index in string.gmatch(shadow_mask, "(%d+),") do
-      call("HINCRBY", shadow_key, limits[tonumber(index)].label, 1)
+      call("HINCRBY", shadow_key, ARGV[10 + index * 6], 1)
     end
     call("PEXPIRE", shadow_key, 7 * DAY / 1000)
   end
