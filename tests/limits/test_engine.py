@@ -9,6 +9,7 @@ holds, key by key, not only on what the engine answers.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import gc
 import hashlib
@@ -924,6 +925,34 @@ def test_a_shadow_rule_is_counted_when_an_enforced_rule_denies_too(policy, store
     assert denied.retry_after == pytest.approx(HOUR, abs=0.01)  # shadow rules never delay
     tag = engine.tenant_tag(policy.alice.pk)
     assert store.tally(f"{tag}:shadow") == {f"rule:{shadow.pk}": 1}
+
+
+def test_two_rules_with_one_key_share_its_log_and_count_a_check_once(policy, store, clock):
+    """Rules are unique per scope, metric, class and window, but a published document is
+    read as it is: two rules with one key (here a shadow copy of each) share its log (and
+    sum), and a check is one entry in it."""
+    policy.rule("user_model", "requests", 5, 60)
+    policy.rule("user", "tokens", 1000, 60)
+    version = policy.publish()
+    document = copy.deepcopy(engine.policy_store().current().document)
+    rules = document["tenants"][str(policy.alice.pk)]["rules"]
+    for rule, limit in zip(list(rules), (3, 300), strict=True):
+        rules.append({**rule, "id": rule["id"] + 1000, "limit": limit, "shadow": True})
+    engine.policy_store().publish(version + 1, document)
+
+    decisions = [check(policy.alice, tokens=100, request_id=f"r{n}") for n in range(6)]
+    engine.commit(policy.alice.pk, "r0", 150, 50)
+
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [len(d.shadow_denied) for d in decisions[:5]] == [0, 0, 0, 2, 2]
+    assert decisions[5].retry_after == pytest.approx(60, abs=0.01)
+    assert [s.remaining for s in decisions[4].limits] == [0, 500]
+    logs = {key: value for key, value in store.counted().items() if ":l:" in key}
+    assert sorted(len(value) for key, value in logs.items() if ":sum" not in key) == [5, 5]
+    assert [str(value) for key, value in logs.items() if key.endswith(":sum")] == ["600"]
+    clock.advance(61)
+    quota = engine.quota(policy.alice.pk, "u1", GPT)
+    assert [s.remaining for s in quota.limits] == [5, 1000]
 
 
 # -- reset -----------------------------------------------------------------------------
