@@ -62,12 +62,11 @@ class LimitSpec:
 
 
 def limit_args(limits: tuple[LimitSpec, ...]) -> tuple[str, ...]:
-    """The limits as check.lua reads them from ARGV[10…]: their count, then 6 values each.
-    Made once per plan."""
+    """The limits as check.lua reads them from ARGV[10…]: their count, then 4 values each
+    (kind, limit, span, and a shadow rule's label). Made once per plan."""
     args = [str(len(limits))]
     for item in limits:
-        args += [item.kind, str(item.limit), item.span, item.ttl_ms, "1" if item.shadow else "0"]
-        args.append(item.label)
+        args += [item.kind, str(item.limit), item.span, item.label if item.shadow else ""]
     return tuple(args)
 
 
@@ -609,14 +608,13 @@ class _CapacitySplit(NamedTuple):
         args = list(call.limit_args)
         for number, (spec, position) in enumerate(zip(self.capacity, self.positions, strict=True)):
             wait, standing, _added, line = outcomes[4 * number : 4 * number + 4]
-            base = 1 + 6 * position
-            args[base : base + 6] = [
+            base = 1 + 4 * position
+            span = f"{wait or '-'} {standing}"
+            args[base : base + 4] = [
                 "x",
                 str(spec.limit),
-                str(wait),
-                f"{standing}\n{line}" if line else str(standing),
-                "1" if spec.shadow else "0",
-                spec.label,
+                f"{span}\n{line}" if line else span,
+                spec.label if spec.shadow else "",
             ]
         return tuple(args)
 

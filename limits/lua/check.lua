@@ -24,16 +24,17 @@ ARGV[7]  the prices the commit needs ("<input>\t<output>\t"), remembered with th
 ARGV[8]  estimated tokens: what a token window or token budget adds
 ARGV[9]  estimated cost in nano-units: what a money budget adds
 ARGV[10] number of limits N
-ARGV[11…] per limit 6 values: kind ("r" requests, "t" tokens, "c" concurrency, "k" token
+ARGV[11…] per limit 4 values: kind ("r" requests, "t" tokens, "c" concurrency, "k" token
          budget, "m" money budget), limit, span (window in µs; lease in µs for "c"; "d" or
-         "m" period for budgets), key TTL in ms (windows twice the window, leases the lease
-         + 1 ms, "" for budgets), shadow ("1" never denies), label
+         "m" period for budgets), and for a shadow rule (never denies) its label, else "".
+         A key's TTL follows from its span: a window's twice the window, a lease set's the
+         lease + 1 ms.
          On a Redis Cluster a class's global capacity lives in another slot: capacity.lua has
-         decided it first, and it comes here as kind "x" with no key, its span the wait
-         ("" when it fits), its TTL field "<used> <reset> <used> <reset>" (where it stands
-         if this check is not counted, then if it is), a line break and the line to record
-         for commit (may be empty). Its result goes into the answer and the record in its
-         place, so a repeated request id answers it as on one Redis.
+         decided it first, and it comes here as kind "x" with no key, its span
+         "<wait> <used> <reset> <used> <reset>" (the wait "-" when it fits; where it stands if
+         this check is not counted, then if it is), a line break and the line to record for
+         commit (may be empty). Its result goes into the answer and the record in its place,
+         so a repeated request id answers it as on one Redis.
 
 Returns {status, now, denied index, retry µs (-1 none, -2 never), used_1, reset_1, …, shadow
 denied mask "i,j,"} where status is 1 allowed, 0 denied; or {2, stored, settled} for a
@@ -237,7 +238,7 @@ for i = 1, count do
         if oldest <= cutoff then
           oldest = trim_log(key, cutoff, false, last)
           -- What is left must outlive itself: see "Expiry".
-          if oldest then call("PEXPIRE", key, ARGV[base + 4]) end
+          if oldest then call("PEXPIRE", key, floor(window / 500)) end
         end
       end
       if check then
@@ -266,8 +267,8 @@ for i = 1, count do
       if oldest <= cutoff then
         oldest, gone = trim_log(key, cutoff, true, last)
         if oldest then
-          call("PEXPIRE", key, ARGV[base + 4])
-          call("PEXPIRE", sum_key, ARGV[base + 4])
+          call("PEXPIRE", key, floor(window / 500))
+          call("PEXPIRE", sum_key, floor(window / 500))
         end
       end
     end
@@ -290,8 +291,9 @@ for i = 1, count do
     if oldest then used = call("ZCARD", key) end
     if peek then needed = 0 end
   elseif kind == "x" then
-    local kept_used, kept_reset, counted_used, counted_reset, line =
-      match(ARGV[base + 4], "^(%S+) (%S+) (%S+) (%S+)\n?(.*)$")
+    local wait, kept_used, kept_reset, counted_used, counted_reset, line =
+      match(span, "^(%S+) (%S+) (%S+) (%S+) (%S+)\n?(.*)$")
+    span = wait ~= "-" and wait or nil
     used, a, b, c, d = kept_used + 0, kept_reset + 0, counted_used + 0, counted_reset + 0, line
     needed = 0
   else
@@ -313,7 +315,7 @@ for i = 1, count do
   local room = needed > 1 and needed or 1
   local wait
   if kind == "x" then
-    if span ~= "" then wait = span + 0 end
+    if span then wait = span + 0 end
   elseif used + room > limit and not peek then
     wait = -2
     if kind == "r" then
@@ -342,7 +344,7 @@ for i = 1, count do
     end
   end
   if wait then
-    if ARGV[base + 5] == "1" then
+    if ARGV[base + 4] ~= "" then
       shadow_mask = shadow_mask .. i .. ","
     else
       allowed = false
@@ -356,7 +358,7 @@ for i = 1, count do
   local item = {kind, key, used, oldest, needed, window, fresh, sum_key, base, a, b, c, d}
   limits[i] = item
   if key and not first_of[key] then first_of[key] = item end
-  base = base + 6
+  base = base + 4
 end
 
 local consume = allowed and check
@@ -375,7 +377,8 @@ for i = 1, count do
     if consume then
       local fresh = item[7]
       if fresh then oldest = now end
-      local ttl = ARGV[item[9] + 4]
+      -- Twice the window, in ms: see "Expiry".
+      local ttl = floor(item[6] / 500)
       if kind == "r" then
         if first and fresh then call("PEXPIRE", key, ttl) end
       else
@@ -422,7 +425,7 @@ for i = 1, count do
         oldest = expires
       end
       -- Every lease added pushes the expiry past the lease that expires last.
-      call("PEXPIRE", key, ARGV[item[9] + 4])
+      call("PEXPIRE", key, floor(ARGV[item[9] + 3] / 1000) + 1)
       lines = lines + 1
       consumed[lines] = "c\t" .. key
     end
@@ -461,7 +464,7 @@ if mode == "check" then
     .. table.concat(consumed, "\n"), "PX", ARGV[4])
   if shadow_mask ~= "" then
     for index in string.gmatch(shadow_mask, "(%d+),") do
-      call("HINCRBY", shadow_key, ARGV[10 + index * 6], 1)
+      call("HINCRBY", shadow_key, ARGV[limits[index + 0][9] + 4], 1)
     end
     call("PEXPIRE", shadow_key, 7 * DAY / 1000)
   end
