@@ -215,6 +215,8 @@ local denied_index, retry = 0, -1
 local shadow_mask = ""
 local base = 10
 local check = mode == "check"
+-- What a check adds to each request log, and to each token log: made once.
+local request_entry, token_entry
 -- Two rules with the same key (say a shadow rule beside an enforced one) share one log: the
 -- second reads what the first found, and a check is one entry in it.
 local first_of = {}
@@ -244,7 +246,8 @@ for i = 1, count do
       if check then
         -- Added before the decision, as LPUSH answers the count; taken back (LPOP) below
         -- when the check is denied. Nothing runs in between.
-        used = call("LPUSH", key, now_text .. ":" .. member) - 1
+        request_entry = request_entry or now_text .. ":" .. member
+        used = call("LPUSH", key, request_entry) - 1
       elseif oldest then
         used = call("LLEN", key)
       end
@@ -385,7 +388,8 @@ for i = 1, count do
         local sum_key = item[8]
         if first then
           -- Every check has its entry, with no tokens too: commit finds it in its place.
-          call("LPUSH", key, now_text .. ":" .. ARGV[8] .. ":" .. member)
+          token_entry = token_entry or now_text .. ":" .. ARGV[8] .. ":" .. member
+          call("LPUSH", key, token_entry)
           if fresh then call("PEXPIRE", key, ttl) end
           -- A sum that did not exist (or was spent) has no expiry yet.
           if tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
