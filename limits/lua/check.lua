@@ -42,19 +42,22 @@ repeated request id, stored being the first answer as those values joined by ";"
 1 when its usage was reported, else 0.
 
 Cost notes (this runs once per check: its Redis calls, the size and kind of their answers,
-and its number formatting are the check's cost). A window is a list, not a sorted set:
-a list's commands are cheap where a sorted set's are not (ZRANGE goes through a generic
+its arguments and its own bytecodes are the check's cost). A window is a list, not a sorted
+set: a list's commands are cheap where a sorted set's are not (ZRANGE goes through a generic
 range parser, its WITHSCORES writes each score with printf "%.17g", and a ZADD into a small
 set walks it comparing scores), and its entries carry their time as text. Entries are pushed
 in time order, so the oldest is the last: one LINDEX tells whether anything has left the
-window and gives its reset, LLEN counts, LPUSH adds; nothing is removed or re-read when
-nothing has left. A token log keeps an entry for every check (no tokens too), so commit.lua
-finds it where it is and rewrites it in place. A key's expiry is set only when its oldest
-entry changes (see "Expiry" below). The record is one string, written with its expiry in
-one SET. Inside Lua (whose interpreter, counted, costs tens of instructions a bytecode):
-numerals are parsed once ("+ 0"), the stored answer is written by one string.format, a
-limit's state is one array made in one go, and the limits' arguments are read where needed.
-Measured with callgrind on a Redis of its own, a 5-rule check: see bench/README.md.
+window and gives its reset; nothing is removed or re-read when nothing has left. A request
+log takes its entry before the decision, as LPUSH answers the count, and gives it back
+(LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log keeps an
+entry for every check (no tokens too), so commit.lua finds it where it is and rewrites it in
+place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
+follows from the window, so a limit is 4 arguments. The record is one string, written with
+its expiry in one SET. Inside Lua (Redis's interpreter costs tens of instructions a
+bytecode): numerals are parsed once ("+ 0"), the stored answer is written by one
+string.format, a limit's state is one array made in one go, and what a check adds to a log
+is made once. Measured with callgrind on a Redis of its own, instructions per 5-rule check:
+bench/README.md.
 
 Time order: Redis TIME and the test clock only move forward in practice; should the clock
 step back, an entry pushed then sits before older ones, and the log counts it until the
