@@ -121,8 +121,8 @@ class CheckCall(NamedTuple):
 
 # What a check answers, laid out as check.lua returns it: [status (1 allowed, 0 denied), now
 # µs, denied index (1-based, 0 none), retry µs (-1 none, NEVER), used_1, reset_1, …, shadow
-# denied mask "i,j,"]. Numbers may come as text (a repeated request's stored answer); the
-# engine reads only what its caller asks for.
+# denied mask "i,j,"]. Numbers may come as text (check.lua answers a check, and a repeated
+# request, with the text it stores); the engine reads only what its caller asks for.
 Answer = tuple[list[Any], bool]  # (values, repeated)
 
 
@@ -413,6 +413,8 @@ class RedisBackend:
                 call.cost,
             ]
             reply = self._call(self.evalsha, self.check_script, call.keys, args, call.packed_limits)
+        if isinstance(reply, str):
+            return reply.split(";"), False  # a check's answer comes as the text it is stored as
         if reply[0] == 2:
             return reply[1].split(";"), True
         return reply, False
@@ -443,7 +445,7 @@ class RedisBackend:
         """Set a tenant's reset mark: no over-limit cache answers for it while it lives."""
         self._call(lambda: self._client().set(key, 1, px=milliseconds))
 
-    def _cluster_check(self, call: CheckCall) -> list[Any]:
+    def _cluster_check(self, call: CheckCall) -> list[Any] | str:
         """check.lua on the tenant's slot; a class's global capacity first, on its own."""
         if not any(spec.is_global for spec in call.limits):
             return self._cluster_evalsha(
@@ -467,11 +469,14 @@ class RedisBackend:
             self._give_back(call, split, added)
             raise
         if "1" in added:
-            if reply[0] == 2:
+            if isinstance(reply, str):
+                if reply.startswith("1;"):
+                    added = []  # counted: the capacity stays taken
+            elif reply[0] == 2:
                 settled = len(reply) > 2 and int(reply[2]) == 1
                 added = split.not_counted_by(reply[1], reserved_at, added, settled=settled)
             elif reply[0] == 1:
-                added = []  # counted: the capacity stays taken
+                added = []
             if "1" in added:
                 self._give_back(call, split, added)
         return reply

@@ -36,10 +36,12 @@ ARGV[11…] per limit 4 values: kind ("r" requests, "t" tokens, "c" concurrency,
          commit (may be empty). Its result goes into the answer and the record in its place,
          so a repeated request id answers it as on one Redis.
 
-Returns {status, now, denied index, retry µs (-1 none, -2 never), used_1, reset_1, …, shadow
-denied mask "i,j,"} where status is 1 allowed, 0 denied; or {2, stored, settled} for a
-repeated request id, stored being the first answer as those values joined by ";" and settled
-1 when its usage was reported, else 0.
+Returns the answer {status, now, denied index, retry µs (-1 none, -2 never), used_1,
+reset_1, …, shadow denied mask "i,j,"} where status is 1 allowed, 0 denied: in mode "check"
+as the text it is stored as, those values joined by ";" (one string to answer, where an
+array is an element each to carry out of Lua), else as that array; or {2, stored, settled}
+for a repeated request id, stored being its first answer as that text and settled 1 when
+its usage was reported, else 0.
 
 Cost notes (this runs once per check: its Redis calls, the size and kind of their answers,
 its arguments and its own bytecodes are the check's cost). A window is a list, not a sorted
@@ -481,6 +483,7 @@ if mode == "check" then
     call("HINCRBY", denied_key, floor(now / 3600000000) .. "|" .. ARGV[6], 1)
     call("PEXPIRE", denied_key, 2 * DAY / 1000)
   end
+  return stored
 end
 
 return result
