@@ -148,8 +148,9 @@ Removes the entries of a log (a list, newest first) at or before cutoff, given i
 weight that left (token logs: the sum of their "<tokens>:" fields).
 
 The caller has read the last entry: that one read covers the usual cases, nothing has left
-or only it has (a steady flow moves a window by about one entry a check). Only when more
-have left is the whole log read, once.
+or only it has (a steady flow moves a window by about one entry a check). When more have
+left, the log's oldest end is read in chunks growing eightfold until an entry still in the
+window shows, so the work follows what left, not the log's length.
 ]]
 local function trim_log(key, cutoff, weighted, last)
   local gone = 0
@@ -165,18 +166,45 @@ local function trim_log(key, cutoff, weighted, last)
       return oldest, gone
     end
   end
-  local entries = call("LRANGE", key, "0", "-1")
-  local keep = #entries
-  while keep > 0 and match(entries[keep], "^%d+") + 0 <= cutoff do
-    if weighted then gone = gone + weight_of(entries[keep]) end
-    keep = keep - 1
+  local size = 16
+  while true do
+    local tail = call("LRANGE", key, -size, -1)
+    local count = #tail
+    local keep, left = count, 0
+    while keep > 0 and match(tail[keep], "^%d+") + 0 <= cutoff do
+      if weighted then left = left + weight_of(tail[keep]) end
+      keep = keep - 1
+    end
+    if keep > 0 then
+      call("LTRIM", key, 0, keep - count - 1)
+      return match(tail[keep], "^%d+") + 0, gone + left
+    elseif count < size then
+      call("DEL", key)
+      return nil, gone + left
+    end
+    size = size * 8
   end
-  if keep == 0 then
-    call("DEL", key)
-    return nil, gone
+end
+
+-- How long until a token log, holding used, has let enough leave for room more within
+-- limit: its oldest entries are read in chunks growing eightfold until they do. Nil when
+-- they never do (the log alone does not hold enough).
+local function token_wait(key, used, room, limit, window)
+  local size, seen = 16, 0
+  while true do
+    local tail = call("LRANGE", key, -size, -seen - 1)
+    for j = #tail, 1, -1 do
+      used = used - weight_of(tail[j])
+      if used + room <= limit then
+        return match(tail[j], "^%d+") + window - now
+      end
+    end
+    if #tail < size - seen then
+      return nil
+    end
+    seen = size
+    size = size * 8
   end
-  call("LTRIM", key, "0", keep - 1)
-  return match(entries[keep], "^%d+") + 0, gone
 end
 
 -- Concurrency leases (a sorted set by expiry): removes those expired at cutoff; the earliest
@@ -335,15 +363,7 @@ for i = 1, count do
       end
     elseif kind == "t" then
       if room <= limit then
-        local entries = call("LRANGE", key, "0", "-1")
-        local remaining_sum = used
-        for j = #entries, 1, -1 do
-          remaining_sum = remaining_sum - weight_of(entries[j])
-          if remaining_sum + room <= limit then
-            wait = match(entries[j], "^%d+") + window - now
-            break
-          end
-        end
+        wait = token_wait(key, used, room, limit, window) or -2
       end
     elseif kind == "c" then
       if oldest then wait = oldest - now end

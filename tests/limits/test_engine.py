@@ -955,6 +955,30 @@ def test_two_rules_with_one_key_share_its_log_and_count_a_check_once(policy, sto
     assert [s.remaining for s in quota.limits] == [5, 1000]
 
 
+def test_many_entries_leaving_at_once_and_a_long_token_wait_are_exact(policy, clock):
+    """Logs are read from their oldest end in chunks when more than a couple of entries
+    leave at once, or when a token wait needs many to leave: still exact."""
+    policy.rule("user_model", "requests", 100, 60)
+    policy.rule("user", "tokens", 10_000, 60)
+    policy.publish()
+    for _ in range(40):  # 0.1 s apart: the n-th at START + n/10 s
+        assert check(policy.alice, tokens=100).allowed
+        clock.advance(0.1)
+
+    # 4,000 of 10,000 used: 9,000 fit once 30 have left; the 30th (START + 2.9 s) leaves at
+    # START + 62.9 s.
+    denied = check(policy.alice, tokens=9_000)
+    assert not denied.allowed
+    assert denied.retry_after == pytest.approx(62.9 - 4.0, abs=1e-6)
+    clock.advance(58.95)  # START + 62.95 s: the 30 of START + 0.0 … 2.9 s have left
+    quota = engine.quota(policy.alice.pk, "u1", GPT)
+    assert [s.remaining for s in quota.limits] == [90, 9_000]
+    assert quota.limits[0].reset == pytest.approx(3.0 + 60 - 62.95, abs=1e-6)
+    clock.advance(1.0)  # START + 63.95 s: the rest have left too
+    quota = engine.quota(policy.alice.pk, "u1", GPT)
+    assert [(s.remaining, s.reset) for s in quota.limits] == [(100, 0), (10_000, 0)]
+
+
 # -- reset -----------------------------------------------------------------------------
 @pytest.fixture
 def all_used(policy) -> PolicyBuilder:
