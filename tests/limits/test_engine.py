@@ -428,6 +428,50 @@ def test_a_repeated_request_id_returns_the_first_decision_and_consumes_nothing(
     assert remaining(policy.alice, "user", "tokens") == 900
 
 
+def test_a_record_kept_as_a_hash_before_the_upgrade_is_answered_and_settled(
+    policy, store, backend, clock
+):
+    """Records used to be hashes, windows sorted sets under ":w:" (docs/engine.md,
+    "Upgrading"). A repeat of such a request id gets its decision back, and its report
+    settles it: budget lines as always; its token lines name an old window, passed over."""
+    if backend == "local":
+        pytest.skip("the in-process twin never held the layout before")
+    policy.rule("user", "tokens", 1000)
+    budget = policy.budget("day", tokens=10_000)
+    policy.publish()
+    assert check(policy.alice, tokens=100, request_id="r-new").allowed
+    tag = engine.tenant_tag(policy.alice.pk)
+    client = store.client
+    decision, _, extra, consumed = client.get(f"{tag}:req:r-new").split("\n", 3)
+    token_line, budget_line = consumed.split("\n")
+    old_window = token_line.split("\t")[1].replace(":l:", ":w:")
+    client.zadd(old_window, {f"100:{policy.alice.pk}:r-old": clock.now})
+    client.set(old_window + ":sum", 100)
+    old_record = f"{tag}:req:r-old"
+    client.hset(
+        old_record,
+        mapping={
+            "d": decision,
+            "c": f"t\t{old_window}\t{old_window}:sum\t100\t{clock.now}\t3600000000\n" + budget_line,
+            "x": extra.replace("r-new", "r-old"),
+        },
+    )
+    client.pexpire(old_record, 3_600_000)
+    budget_key = f"{tag}:b:{budget.pk}:k"
+    field = budget_line.split("\t")[2]
+
+    again = check(policy.alice, tokens=100, request_id="r-old")
+    settled = engine.commit(policy.alice.pk, "r-old", 20, 10)
+    repeat = engine.commit(policy.alice.pk, "r-old", 20, 10)
+
+    assert again.allowed and again.repeated
+    assert settled is not None and not settled.repeated
+    assert repeat is not None and repeat.repeated
+    assert client.hget(budget_key, field) == "30"  # r-new's 100 less r-old's 100 - 30
+    assert client.zrange(old_window, 0, -1) == [f"100:{policy.alice.pk}:r-old"]
+    assert client.hget(old_record, "s") == "20;10;ok"
+
+
 def test_the_same_request_id_in_another_tenant_is_another_request(policy):
     policy.rule("user_model", "requests", 5)
     policy.publish()
