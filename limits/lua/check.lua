@@ -144,8 +144,8 @@ end
 
 --[[
 Removes the entries of a log (a list, newest first) at or before cutoff, given its last
-(oldest) entry, which is one of them. Returns the time of the oldest entry left (nil when none) and the
-weight that left (token logs: the sum of their "<tokens>:" fields).
+(oldest) entry, which is one of them. Returns the time of the oldest entry left (nil when
+none) and the weight that left (token logs: the sum of their "<tokens>:" fields).
 
 The caller has read the last entry: that one read covers the usual cases, nothing has left
 or only it has (a steady flow moves a window by about one entry a check). When more have

@@ -20,8 +20,9 @@ Each consumed entry is replaced by the actual: a token log entry still inside it
 gets the actual weight in its place (or leaves, for none) and its log twice its window to
 live (see check.lua, "Expiry"; one that already slid out changes nothing), a budget period
 gets actual − estimate, a concurrency slot is freed. A token line of a record kept as a hash
-names a window of the layout before (a sorted set, no longer read by any check): passed over. Nothing is ever credited below zero, so a report can return at most what this
-request reserved.
+names a window of the layout before (a sorted set, no longer read by any check): passed
+over. Nothing is ever credited below zero, so a report can return at most what this request
+reserved.
 
 Returns {-1} for an unknown request, {0, summary} when it was settled before (nothing
 changes), {1, summary} when settled now.
