@@ -70,12 +70,11 @@ class LimitSpec:
 
 
 def limit_args(limits: tuple[LimitSpec, ...]) -> tuple[str, ...]:
-    """The limits as check.lua reads them from ARGV[10…]: their count, then 6 values each.
-    Made once per plan."""
+    """The limits as check.lua reads them from ARGV[10…]: their count, then 4 values each
+    (kind, limit, span, and a shadow rule's label). Made once per plan."""
     args = [str(len(limits))]
     for item in limits:
-        args += [item.kind, str(item.limit), item.span, item.ttl_ms, "1" if item.shadow else "0"]
-        args.append(item.label)
+        args += [item.kind, str(item.limit), item.span, item.label if item.shadow else ""]
     return tuple(args)
 
 
@@ -130,8 +129,8 @@ class CheckCall(NamedTuple):
 
 # What a check answers, laid out as check.lua returns it: [status (1 allowed, 0 denied), now
 # µs, denied index (1-based, 0 none), retry µs (-1 none, NEVER), used_1, reset_1, …, shadow
-# denied mask "i,j,"]. Numbers may come as text (a repeated request's stored answer); the
-# engine reads only what its caller asks for.
+# denied mask "i,j,"]. Numbers may come as text (check.lua answers a check, and a repeated
+# request, with the text it stores); the engine reads only what its caller asks for.
 Answer = tuple[list[Any], bool]  # (values, repeated)
 
 
@@ -156,6 +155,19 @@ class CommitCall:
 
 def sum_key(window_key: str) -> str:
     return window_key + ":sum"
+
+
+def record_text(decision: str, settled: str | None, extra: str, consumed: str) -> str:
+    """A request record as check.lua writes it: the decision, the settlement (empty until
+    commit), what commit needs (prices and event: never a line break) and the consumed
+    lines."""
+    return f"{decision}\n{settled or ''}\n{extra}\n{consumed}"
+
+
+def record_parts(text: str) -> tuple[str, str | None, str, str]:
+    """(decision, settlement or None, what commit needs, consumed lines) of a record."""
+    decision, settled, extra, consumed = text.split("\n", 3)
+    return decision, settled or None, extra, consumed
 
 
 def consumed_keys(consumed: str) -> list[str]:
@@ -410,6 +422,8 @@ class RedisBackend:
                 call.cost,
             ]
             reply = self._call(self.evalsha, self.check_script, call.keys, args, call.packed_limits)
+        if isinstance(reply, str):
+            return reply.split(";"), False  # a check's answer comes as the text it is stored as
         if reply[0] == 2:
             return reply[1].split(";"), True
         return reply, False
@@ -440,7 +454,7 @@ class RedisBackend:
         """Set a tenant's reset mark: no over-limit cache answers for it while it lives."""
         self._call(lambda: self._client().set(key, 1, px=milliseconds))
 
-    def _cluster_check(self, call: CheckCall) -> list[Any]:
+    def _cluster_check(self, call: CheckCall) -> list[Any] | str:
         """check.lua on the tenant's slot; a class's global capacity first, on its own."""
         if not any(spec.is_global for spec in call.limits):
             return self._cluster_evalsha(
@@ -464,11 +478,14 @@ class RedisBackend:
             self._give_back(call, split, added)
             raise
         if "1" in added:
-            if reply[0] == 2:
+            if isinstance(reply, str):
+                if reply.startswith("1;"):
+                    added = []  # counted: the capacity stays taken
+            elif reply[0] == 2:
                 settled = len(reply) > 2 and int(reply[2]) == 1
                 added = split.not_counted_by(reply[1], reserved_at, added, settled=settled)
             elif reply[0] == 1:
-                added = []  # counted: the capacity stays taken
+                added = []
             if "1" in added:
                 self._give_back(call, split, added)
         return reply
@@ -490,9 +507,19 @@ class RedisBackend:
             logger.warning("global capacity not given back (held until it expires): %s", error)
 
     def stored_request(self, record_key: str) -> StoredRequest | None:
-        consumed, extra, decision, settled = self._call(
-            lambda: self._client().hmget(record_key, "c", "x", "d", "s"), settling=True
-        )
+        def read() -> tuple[str | None, str | None, str | None, str | None]:
+            client = self._client()
+            try:
+                text = client.get(record_key)
+            except redis.ResponseError as error:
+                if not str(error).startswith("WRONGTYPE"):
+                    raise
+                # A record kept as a hash: the layout before this one (docs/engine.md).
+                consumed, extra, decision, settled = client.hmget(record_key, "c", "x", "d", "s")
+                return decision, settled, extra, consumed
+            return (None, None, None, None) if text is None else record_parts(text)
+
+        decision, settled, extra, consumed = self._call(read, settling=True)
         if decision is None or not str(decision).startswith("1;"):
             return None
         return StoredRequest(consumed=consumed or "", extra=extra or "", settled=settled)
@@ -595,14 +622,13 @@ class _CapacitySplit(NamedTuple):
         args = list(call.limit_args)
         for number, (spec, position) in enumerate(zip(self.capacity, self.positions, strict=True)):
             wait, standing, _added, line = outcomes[4 * number : 4 * number + 4]
-            base = 1 + 6 * position
-            args[base : base + 6] = [
+            base = 1 + 4 * position
+            span = f"{wait or '-'} {standing}"
+            args[base : base + 4] = [
                 "x",
                 str(spec.limit),
-                str(wait),
-                f"{standing}\n{line}" if line else str(standing),
-                "1" if spec.shadow else "0",
-                spec.label,
+                f"{span}\n{line}" if line else span,
+                spec.label if spec.shadow else "",
             ]
         return tuple(args)
 
@@ -673,6 +699,47 @@ class _SortedSet:
         return len(self.items)
 
 
+class _Log:
+    """The part of a Redis list the scripts use for a window: entries "<time>:<…>" pushed
+    newest first (kept here oldest first, with their times)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, str]] = []
+
+    def push(self, at: int, entry: str) -> None:
+        self.entries.append((at, entry))
+
+    def oldest(self) -> int | None:
+        return self.entries[0][0] if self.entries else None
+
+    def pop_through(self, cutoff: int) -> list[str]:
+        """check.lua's trim: remove the oldest entries while they are at or before cutoff."""
+        index = 0
+        while index < len(self.entries) and self.entries[index][0] <= cutoff:
+            index += 1
+        gone = [entry for _, entry in self.entries[:index]]
+        del self.entries[:index]
+        return gone
+
+    def find(self, entry: str) -> int | None:
+        """LPOS: the first position from the newest end holding ``entry`` (here, from the
+        oldest end), or None."""
+        for index in range(len(self.entries) - 1, -1, -1):
+            if self.entries[index][1] == entry:
+                return index
+        return None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _weight_of(entry: str) -> int:
+    """The tokens of a token log entry "<time>:<tokens>:<member>"."""
+    return int(entry.split(":", 2)[1])
+
+
 class LocalBackend:
     """The scripts' semantics in this process, for one process's traffic."""
 
@@ -691,7 +758,7 @@ class LocalBackend:
         expires = self._expires.get(key)
         value = self._data.get(key)
         # Redis deletes a sorted set or hash with its last member: so does this keyspace.
-        gone = isinstance(value, (_SortedSet, dict)) and not value
+        gone = isinstance(value, (_SortedSet, _Log, dict)) and not value
         if gone or (expires is not None and expires <= now):
             self._data.pop(key, None)
             self._expires.pop(key, None)
@@ -711,6 +778,10 @@ class LocalBackend:
         value = self._get(key, now)
         return value if isinstance(value, _SortedSet) else None
 
+    def _log(self, key: str, now: int) -> _Log | None:
+        value = self._get(key, now)
+        return value if isinstance(value, _Log) else None
+
     def _now(self) -> int:
         now = test_clock_us()
         return time.time_ns() // 1000 if now is None else now
@@ -724,23 +795,31 @@ class LocalBackend:
                 self._sweep(now)
             return self._check(call, now)
 
-    def _trim(
+    def _trim_log(
         self, key: str, cutoff: int, weighted: bool, now: int
     ) -> tuple[int | None, int, bool]:
-        """check.lua's ``trim``: the oldest score left, the weight that left, whether any did."""
+        """check.lua's ``trim_log``: the oldest time left, the weight that left, whether any
+        did."""
+        log = self._log(key, now)
+        if log is None:
+            return None, 0, False
+        gone = log.pop_through(cutoff)
+        weight = sum(_weight_of(entry) for entry in gone) if weighted else 0
+        return log.oldest(), weight, bool(gone)
+
+    def _trim_leases(self, key: str, cutoff: int, now: int) -> int | None:
+        """check.lua's ``trim_leases``: the earliest expiry left."""
         entries = self._zset(key, now)
         if entries is None:
-            return None, 0, False
-        gone = entries.pop_through(cutoff)
-        weight = sum(int(member.split(":", 1)[0]) for _, member in gone) if weighted else 0
-        oldest = entries.items[0][0] if len(entries) else None
-        return oldest, weight, bool(gone)
+            return None
+        entries.pop_through(cutoff)
+        return entries.items[0][0] if len(entries) else None
 
     def _check(self, call: CheckCall, now: int) -> Answer:
         if call.mode == "check":
             record = self._get(call.record_key, now)
             if record is not None:
-                return record["d"].split(";"), True
+                return record_parts(record)[0].split(";"), True
 
         peek = call.mode == "peek"
         allowed = True
@@ -756,15 +835,15 @@ class LocalBackend:
                 needed = 0 if peek else 1
             state: dict[str, Any] = {"item": item, "key": key, "weight": weight, "oldest": None}
             if item.kind == "r":
-                oldest, _, left = self._trim(key, now - int(item.span), False, now)
-                entries = self._zset(key, now)
-                used = len(entries) if entries is not None else 0
+                oldest, _, left = self._trim_log(key, now - int(item.span), False, now)
+                log = self._log(key, now)
+                used = len(log) if log is not None else 0
                 if left and used > 0:
                     self._expire(key, now, int(item.ttl_ms))
                 state.update(oldest=oldest, fresh=used == 0)
             elif item.kind == "t":
                 total_key = state["sum_key"] = next(keys)
-                oldest, gone, left = self._trim(key, now - int(item.span), True, now)
+                oldest, gone, left = self._trim_log(key, now - int(item.span), True, now)
                 total = self._get(total_key, now) or 0
                 if gone:
                     total -= gone
@@ -779,7 +858,7 @@ class LocalBackend:
                     self._expire(total_key, now, int(item.ttl_ms))
                 state.update(oldest=oldest, fresh=oldest is None)
             elif item.kind == "c":
-                oldest, _, _ = self._trim(key, now, False, now)
+                oldest = self._trim_leases(key, now, now)
                 entries = self._zset(key, now)
                 used = len(entries) if entries is not None else 0
                 state["oldest"] = oldest
@@ -794,18 +873,18 @@ class LocalBackend:
             room = max(needed, 1)
             if used + room > item.limit and not peek:
                 wait = NEVER
-                entries = self._zset(key, now) if item.kind in ("r", "t") else None
-                if item.kind == "r" and entries is not None:
+                log = self._log(key, now) if item.kind in ("r", "t") else None
+                if item.kind == "r" and log is not None:
                     position = used - item.limit
-                    if 0 <= position < len(entries):
-                        wait = entries.items[position][0] + int(item.span) - now
-                elif item.kind == "t" and entries is not None:
+                    if 0 <= position < len(log):
+                        wait = log.entries[position][0] + int(item.span) - now
+                elif item.kind == "t" and log is not None:
                     if room <= item.limit:
                         remaining = used
-                        for score, member in entries.items:
-                            remaining -= int(member.split(":", 1)[0])
+                        for at, entry in log.entries:
+                            remaining -= _weight_of(entry)
                             if remaining + room <= item.limit:
-                                wait = score + int(item.span) - now
+                                wait = at + int(item.span) - now
                                 break
                 elif item.kind == "c" and state["oldest"] is not None:
                     wait = state["oldest"] - now
@@ -823,6 +902,7 @@ class LocalBackend:
 
         consume = allowed and call.mode == "check"
         consumed: list[str] = []
+        pushed: set[str] = set()  # logs shared by two rules take one entry a check
         values: list[Any] = [1 if allowed else 0, now, denied_index, retry]
         for state in states:
             item, key, weight, oldest = (
@@ -834,23 +914,31 @@ class LocalBackend:
             used = state["used"]
             if consume:
                 if item.kind == "r":
-                    entries = self._zset(key, now) or self._new(key, _SortedSet())
-                    oldest = self._added(entries, now, call.member, oldest)
                     if state["fresh"]:
-                        self._expire(key, now, int(item.ttl_ms))
-                elif item.kind == "t":
-                    total_key = state["sum_key"]
-                    if weight > 0:
-                        entries = self._zset(key, now) or self._new(key, _SortedSet())
-                        oldest = self._added(entries, now, f"{weight}:{call.member}", oldest)
-                        total = (self._get(total_key, now) or 0) + weight
-                        if total_key not in self._data:
-                            self._expires.pop(total_key, None)
-                        self._data[total_key] = total
-                        if total == weight or state["fresh"]:
-                            self._expire(total_key, now, int(item.ttl_ms))
+                        oldest = now
+                    if key not in pushed:
+                        pushed.add(key)
+                        log = self._log(key, now) or self._new(key, _Log())
+                        log.push(now, f"{now}:{call.member}")
                         if state["fresh"]:
                             self._expire(key, now, int(item.ttl_ms))
+                elif item.kind == "t":
+                    total_key = state["sum_key"]
+                    if state["fresh"]:
+                        oldest = now
+                    if key not in pushed:
+                        pushed.add(key)
+                        log = self._log(key, now) or self._new(key, _Log())
+                        log.push(now, f"{now}:{weight}:{call.member}")
+                        if state["fresh"]:
+                            self._expire(key, now, int(item.ttl_ms))
+                        if weight > 0:
+                            total = (self._get(total_key, now) or 0) + weight
+                            if total_key not in self._data:
+                                self._expires.pop(total_key, None)
+                            self._data[total_key] = total
+                            if total == weight or state["fresh"]:
+                                self._expire(total_key, now, int(item.ttl_ms))
                     fields = ("t", key, total_key, weight, now, item.span)
                     consumed.append("\t".join(str(field) for field in fields))
                 elif item.kind == "c":
@@ -888,11 +976,9 @@ class LocalBackend:
 
         if call.mode == "check":
             stored = ";".join(str(value) for value in values)
-            self._data[call.record_key] = {
-                "d": stored,
-                "c": "\n".join(consumed),
-                "x": call.prices + call.event,
-            }
+            self._data[call.record_key] = record_text(
+                stored, None, call.prices + call.event, "\n".join(consumed)
+            )
             self._expires[call.record_key] = now + call.record_ttl_ms * 1000
             if shadow_denied:
                 counts = self._get(call.shadow_key, now) or self._new(call.shadow_key, {})
@@ -928,19 +1014,25 @@ class LocalBackend:
     def stored_request(self, record_key: str) -> StoredRequest | None:
         with self._lock:
             record = self._get(record_key, self._now())
-            if record is None or not record["d"].startswith("1;"):
+            if record is None:
                 return None
-            return StoredRequest(consumed=record["c"], extra=record["x"], settled=record.get("s"))
+            decision, settled, extra, consumed = record_parts(record)
+            if not decision.startswith("1;"):
+                return None
+            return StoredRequest(consumed=consumed, extra=extra, settled=settled)
 
     def commit(self, call: CommitCall, stored: StoredRequest) -> tuple[int, str]:
         with self._lock:
             now = self._now()
             record = self._get(call.record_key, now)
-            if record is None or not record["d"].startswith("1;"):
+            if record is None:
                 return -1, ""
-            if "s" in record:
-                return 0, record["s"]
-            for line in record["c"].split("\n"):
+            decision, settled, extra, consumed = record_parts(record)
+            if not decision.startswith("1;"):
+                return -1, ""
+            if settled is not None:
+                return 0, settled
+            for line in consumed.split("\n"):
                 if not line:
                     continue
                 fields = line.split("\t")
@@ -949,15 +1041,14 @@ class LocalBackend:
                     weight, at, window = int(fields[3]), int(fields[4]), int(fields[5])
                     if at <= now - window:
                         continue
-                    entries = self._zset(key, now)
-                    present = 1
-                    if weight > 0:
-                        present = entries.remove(f"{weight}:{call.member}") if entries else 0
-                    if not present:
-                        continue
+                    log = self._log(key, now)
+                    index = log.find(f"{at}:{weight}:{call.member}") if log else None
+                    if log is None or index is None:
+                        continue  # the user's windows were reset: nothing to correct
                     if call.tokens > 0:
-                        entries = entries or self._new(key, _SortedSet())
-                        entries.add(at, f"{call.tokens}:{call.member}")
+                        log.entries[index] = (at, f"{at}:{call.tokens}:{call.member}")
+                    else:
+                        del log.entries[index]
                     self._expire(key, now, 2 * window // 1000)
                     delta = call.tokens - weight
                     if delta:
@@ -979,7 +1070,7 @@ class LocalBackend:
                     counts = self._get(key, now)
                     if counts is not None and field in counts and actual != weight:
                         counts[field] = max(0, counts[field] + actual - weight)
-            record["s"] = call.summary
+            self._data[call.record_key] = record_text(decision, call.summary, extra, consumed)
             self.events.append({"k": "commit", "e": call.event, "t": str(now)})
             return 1, call.summary
 
@@ -1010,6 +1101,8 @@ class LocalBackend:
                     continue
                 if isinstance(value, _SortedSet):
                     plain: Any = [(member, score) for score, member in value.items]
+                elif isinstance(value, _Log):
+                    plain = [entry for _, entry in reversed(value.entries)]  # as LRANGE 0 -1
                 elif isinstance(value, dict):
                     plain = dict(value)
                 else:

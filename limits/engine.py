@@ -10,8 +10,8 @@ end user's windows.
 Keys (all under ``QUOTA_KEY_PREFIX``), hash-tagged by tenant so that a tenant's keys share
 one Redis Cluster slot:
 
-    {t:<tenant>}:w:<metric>:<window>:<scope>:<class|*>:<subject>   request / token window
-    {t:<tenant>}:w:tokens:…:sum                                     running token sum
+    {t:<tenant>}:l:<metric>:<window>:<scope>:<class|*>:<subject>   request / token log
+    {t:<tenant>}:l:tokens:…:sum                                     running token sum
     {t:<tenant>}:c:<scope>:<class|*>:<subject>                      concurrency leases
     {t:<tenant>}:b:<budget>:<k|m>                                   budget (tokens, money)
     {t:<tenant>}:req:<request id>                                   first decision, for
@@ -19,7 +19,7 @@ one Redis Cluster slot:
     {t:<tenant>}:events / :denied / :shadow                         usage stream, counters
     {t:<tenant>}:reset                                              a user was reset: no
                                                                     over-limit cache answers
-    {g:<class>}:w:…:all                                             global capacity
+    {g:<class>}:l:…:all                                             global capacity
 
 with subject ``u:<user>:m:<model>``, ``u:<user>``, ``m:<model>`` or ``all``. A user or
 model id made only of ``[A-Za-z0-9._@+-]`` (at most 64) is used as is; any other is
@@ -273,7 +273,9 @@ def _plan(policy: Policy, tenant_id: int, model_id: str) -> Plan | None:
         else:
             kind = "r" if metric == "requests" else "t"
             span = str(window * 1_000_000)
-            head += f":w:{metric}:{window}:{scope}:{class_part}:"
+            # "l" (a log, a list): windows kept as sorted sets were under "w" (see
+            # docs/engine.md, "Upgrading"); the new name keeps the two apart.
+            head += f":l:{metric}:{window}:{scope}:{class_part}:"
             longest = max(longest, window)
         per_user = scope in ("user_model", "user")
         if scope == "user_model":

@@ -1,19 +1,21 @@
 --[[
 check.lua: decide one check against every applicable limit, all or nothing.
 
-KEYS[1]  request record (hash): the first decision for this request id, and what it consumed
+KEYS[1]  request record (string): the first decision for this request id, and what it
+         consumed: "<decision>\n<settlement>\n<prices><event>\n<consumed lines>", the
+         settlement empty until commit.lua writes it
 KEYS[2]  usage event stream of the tenant
 KEYS[3]  denied counter (hash) of the tenant: field "<hour>|<label>" -> denied checks
 KEYS[4]  shadow counter (hash) of the tenant: field "<rule label>" -> would-have-denied checks
-KEYS[5…] the keys of each limit, in ARGV order: requests 1 (sorted set of members by
-         time), tokens 2 (sorted set of "<weight>:<member>" by time, and the running sum),
-         concurrency 1 (sorted set of members by lease expiry), budgets 1 (hash of period
-         fields)
+KEYS[5…] the keys of each limit, in ARGV order: requests 1 (log: a list, newest first, of
+         "<time>:<member>"), tokens 2 (log of "<time>:<tokens>:<member>", and the running
+         sum), concurrency 1 (sorted set of members by lease expiry), budgets 1 (hash of
+         period fields)
 
 ARGV[1]  time override in microseconds, or "" to use Redis TIME (tests only)
 ARGV[2]  member: the request id qualified by its tenant ("<tenant>:<request id>"), what the
-         sorted sets hold; unique across tenants, whose request ids may repeat each other's
-         in the global capacity sets they share
+         logs and lease sets hold; unique across tenants, whose request ids may repeat each
+         other's in the global capacity they share
 ARGV[3]  mode: "check", "dry" (decide, consume nothing, remember nothing) or "peek" (quota)
 ARGV[4]  record TTL in milliseconds
 ARGV[5]  usage event payload (JSON, written as is on an allowed check)
@@ -22,52 +24,70 @@ ARGV[7]  the prices the commit needs ("<input>\t<output>\t"), remembered with th
 ARGV[8]  estimated tokens: what a token window or token budget adds
 ARGV[9]  estimated cost in nano-units: what a money budget adds
 ARGV[10] number of limits N
-ARGV[11…] per limit 6 values: kind ("r" requests, "t" tokens, "c" concurrency, "k" token
+ARGV[11…] per limit 4 values: kind ("r" requests, "t" tokens, "c" concurrency, "k" token
          budget, "m" money budget), limit, span (window in µs; lease in µs for "c"; "d" or
-         "m" period for budgets), key TTL in ms (windows twice the window, leases the lease
-         + 1 ms, "" for budgets), shadow ("1" never denies), label
+         "m" period for budgets), and for a shadow rule (never denies) its label, else "".
+         A key's TTL follows from its span: a window's twice the window, a lease set's the
+         lease + 1 ms.
          On a Redis Cluster a class's global capacity lives in another slot: capacity.lua has
-         decided it first, and it comes here as kind "x" with no key, its span the wait
-         ("" when it fits), its TTL field "<used> <reset> <used> <reset>" (where it stands
-         if this check is not counted, then if it is), a line break and the line to record
-         for commit (may be empty). Its result goes into the answer and the record in its
-         place, so a repeated request id answers it as on one Redis.
+         decided it first, and it comes here as kind "x" with no key, its span
+         "<wait> <used> <reset> <used> <reset>" (the wait "-" when it fits; where it stands if
+         this check is not counted, then if it is), a line break and the line to record for
+         commit (may be empty). Its result goes into the answer and the record in its place,
+         so a repeated request id answers it as on one Redis.
 
-Returns {status, now, denied index, retry µs (-1 none, -2 never), used_1, reset_1, …, shadow
-denied mask "i,j,"} where status is 1 allowed, 0 denied; or {2, stored, settled} for a
-repeated request id, stored being the first answer as those values joined by ";" and settled
-1 when its usage was reported, else 0.
+Returns the answer {status, now, denied index, retry µs (-1 none, -2 never), used_1,
+reset_1, …, shadow denied mask "i,j,"} where status is 1 allowed, 0 denied: in mode "check"
+as the text it is stored as, those values joined by ";" (one string to answer, where an
+array is an element each to carry out of Lua), else as that array; or {2, stored, settled}
+for a repeated request id, stored being its first answer as that text and settled 1 when
+its usage was reported, else 0.
 
-Cost notes (this runs once per check, so its Redis calls and its number formatting are the
-check's cost): each limit reads its two oldest entries once, which also gives its reset and
-tells whether anything has left the window, so nothing is removed or re-read when nothing
-has; a key's expiry is set only when its oldest entry changes (see "Expiry" below). Inside
-Redis most of the rest goes to turning numbers into text and back (Redis writes each score
-it returns with printf, tonumber() parses a numeral twice, Lua writes a number with printf
-"%.14g") and to making tables and strings: numerals are parsed once (number() below), the
-stored answer is written by one string.format, a limit's table is made at its full size.
-Measured with callgrind on a Redis of its own: about 13% fewer instructions a 5-rule check.
+Cost notes (this runs once per check: its Redis calls, the size and kind of their answers,
+its arguments and its own bytecodes are the check's cost). A window is a list, not a sorted
+set: a list's commands are cheap where a sorted set's are not (ZRANGE goes through a generic
+range parser, its WITHSCORES writes each score with printf "%.17g", and a ZADD into a small
+set walks it comparing scores), and its entries carry their time as text. Entries are pushed
+in time order, so the oldest is the last: one LINDEX tells whether anything has left the
+window and gives its reset; nothing is removed or re-read when nothing has left. A request
+log takes its entry before the decision, as LPUSH answers the count, and gives it back
+(LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log keeps an
+entry for every check (no tokens too), so commit.lua finds it where it is and rewrites it in
+place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
+follows from the window, so a limit is 4 arguments. The record is one string, written with
+its expiry in one SET. Inside Lua (Redis's interpreter costs tens of instructions a
+bytecode): numerals are parsed once ("+ 0"), the stored answer is written by one
+string.format, a limit's state is one array made in one go, and what a check adds to a log
+is made once. Measured with callgrind on a Redis of its own, instructions per 5-rule check:
+bench/README.md.
+
+Time order: Redis TIME and the test clock only move forward in practice; should the clock
+step back, an entry pushed then sits before older ones, and the log counts it until the
+entries behind it have left: it may deny for longer, never admit more.
 ]]
 
+local KEYS, ARGV = KEYS, ARGV
 local record_key, stream_key, denied_key, shadow_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member, mode = ARGV[2], ARGV[3]
 local call = redis.call
+local match = string.match
 
 if mode == "check" then
-  local stored = call("HMGET", record_key, "d", "s")
-  if stored[1] then
+  -- pcall: a record kept as a hash (the layout before this one) is a type error for GET.
+  local stored = redis.pcall("GET", record_key)
+  if type(stored) == "table" then
+    stored = call("HMGET", record_key, "d", "s")
+    if stored[1] then return {2, stored[1], stored[2] and 1 or 0} end
+  elseif stored then
+    local decision, settled = match(stored, "^([^\n]*)\n([^\n]*)")
     -- Whether its usage was reported too: a settled request holds no global capacity any
     -- more (the cluster path gives back what a repeat's take added).
-    return {2, stored[1], stored[2] and 1 or 0}
+    return {2, decision, settled ~= "" and 1 or 0}
   end
 end
 
--- tonumber() parses a numeral twice (is it one? then its value); arithmetic parses it once.
--- For text that is a numeral or nil: what this script reads from ARGV and its own keys.
-local function number(value)
-  return value and value + 0
-end
-
+-- Numerals (ARGV, replies) are read with "+ 0": tonumber() parses a numeral twice (is it
+-- one? then its value), arithmetic once.
 local now_text
 if ARGV[1] ~= "" then
   now_text = ARGV[1]
@@ -76,11 +96,11 @@ else
   -- Seconds and zero-padded microseconds joined as text: no number formatting needed.
   now_text = t[1] .. string.sub("00000" .. t[2], -6)
 end
-local now = number(now_text)
+local now = now_text + 0
 
 local floor = math.floor
 local DAY = 86400000000
-local tokens, cost = number(ARGV[8]), number(ARGV[9])
+local tokens, cost = ARGV[8] + 0, ARGV[9] + 0
 local peek = mode == "peek"
 
 local function civil_from_days(days)
@@ -117,161 +137,242 @@ local function period_of(code)
   return "m:" .. index, days_from_civil(next_year, next_month) * DAY, "m:" .. (index - 2)
 end
 
+-- A log entry: "<time>:<member>" (requests) or "<time>:<tokens>:<member>" (tokens).
 local function weight_of(entry)
-  return tonumber(string.match(entry, "^(%d+):"))
+  return match(entry, "^%d+:(%d+):") + 0
 end
 
 --[[
-Removes the entries of a sorted set scored at or below cutoff. Returns the score of the
-oldest entry left (nil when none), the weight that left (token logs: the sum of the
-"<weight>:" prefixes), and whether anything left.
+Removes the entries of a log (a list, newest first) at or before cutoff, given its last
+(oldest) entry, which is one of them. Returns the time of the oldest entry left (nil when
+none) and the weight that left (token logs: the sum of their "<tokens>:" fields).
 
-One read covers the usual cases: nothing has left, or only the oldest entry has (a steady
-flow moves a window by about one entry a check). Only when more have left are they read
-(token logs need their weights) and removed by score, and the oldest left read again.
+The caller has read the last entry: that one read covers the usual cases, nothing has left
+or only it has (a steady flow moves a window by about one entry a check). When more have
+left, the log's oldest end is read in chunks growing eightfold until an entry still in the
+window shows, so the work follows what left, not the log's length.
 ]]
-local function trim(key, cutoff, weighted)
-  local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
-  local first = number(head[2])
-  if first == nil or first > cutoff then
-    return first, 0, false
-  end
-  local second = number(head[4])
-  if second == nil or second > cutoff then
-    call("ZREM", key, head[1])
-    return second, weighted and weight_of(head[1]) or 0, true
-  end
+local function trim_log(key, cutoff, weighted, last)
   local gone = 0
-  if weighted then
-    for _, entry in ipairs(call("ZRANGEBYSCORE", key, "-inf", cutoff)) do
-      gone = gone + weight_of(entry)
+  for _ = 1, 2 do
+    call("RPOP", key)
+    if weighted then gone = gone + weight_of(last) end
+    last = call("LINDEX", key, "-1")
+    if not last then
+      return nil, gone
+    end
+    local oldest = match(last, "^%d+") + 0
+    if oldest > cutoff then
+      return oldest, gone
     end
   end
+  local size = 16
+  while true do
+    local tail = call("LRANGE", key, -size, -1)
+    local count = #tail
+    local keep, left = count, 0
+    while keep > 0 and match(tail[keep], "^%d+") + 0 <= cutoff do
+      if weighted then left = left + weight_of(tail[keep]) end
+      keep = keep - 1
+    end
+    if keep > 0 then
+      call("LTRIM", key, 0, keep - count - 1)
+      return match(tail[keep], "^%d+") + 0, gone + left
+    elseif count < size then
+      call("DEL", key)
+      return nil, gone + left
+    end
+    size = size * 8
+  end
+end
+
+-- How long until a token log, holding used, has let enough leave for room more within
+-- limit: its oldest entries are read in chunks growing eightfold until they do. Nil when
+-- they never do (the log alone does not hold enough).
+local function token_wait(key, used, room, limit, window)
+  local size, seen = 16, 0
+  while true do
+    local tail = call("LRANGE", key, -size, -seen - 1)
+    for j = #tail, 1, -1 do
+      used = used - weight_of(tail[j])
+      if used + room <= limit then
+        return match(tail[j], "^%d+") + window - now
+      end
+    end
+    if #tail < size - seen then
+      return nil
+    end
+    seen = size
+    size = size * 8
+  end
+end
+
+-- Concurrency leases (a sorted set by expiry): removes those expired at cutoff; the earliest
+-- expiry left, or nil. Read as the two earliest, as a log's trim above.
+local function trim_leases(key, cutoff)
+  local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
+  local first = head[2] and head[2] + 0
+  if first == nil or first > cutoff then
+    return first
+  end
+  local second = head[4] and head[4] + 0
+  if second == nil or second > cutoff then
+    call("ZREM", key, head[1])
+    return second
+  end
   call("ZREMRANGEBYSCORE", key, "-inf", cutoff)
-  local rest = call("ZRANGE", key, "0", "0", "WITHSCORES")
-  return tonumber(rest[2]), gone, true
+  local rest = call("ZRANGE", key, "0", "0", "WITHSCORES")[2]
+  return rest and rest + 0
 end
 
 --[[
-Expiry. A window key lives twice its window past the last time its expiry was set, and that is set only when the oldest entry may have changed: when
-entries left (in any mode: what is left must outlive itself) or when the first entry goes
-into an empty key. Between those times the oldest entry o stays, and the expiry, set at or
-after o was added, is at least o + 2 x window; every entry added meanwhile arrives while o is
-still in the window (now < o + window), so it leaves the window (at now + window) before the
-key expires. commit.lua keeps the same rule when it removes an entry.
+Expiry. A log lives twice its window past the last time its expiry was set, and that is set
+only when its oldest entry may have changed: when entries left (in any mode: what is left
+must outlive itself) or when the first entry goes into an empty log. Between those times
+the oldest entry o stays, and the expiry, set at or after o was added, is at least
+o + 2 x window; every entry added meanwhile arrives while o is still in the window
+(now < o + window), so it leaves the window (at now + window) before the log expires.
+commit.lua keeps the same rule when it changes an entry.
 ]]
 
-local count = number(ARGV[10])
+local count = ARGV[10] + 0
+-- Per limit, what the second pass needs, as an array made in one go (a table with named
+-- fields costs a hash part and a store each):
+-- {kind, key, used, oldest, needed, window, fresh, sum key, ARGV base, a, b, c, d}, where
+-- a… are a budget's field, period end and stale field, or an "x" limit's where it stands
+-- and its line.
 local limits = {}
 local key_index = 5
 local allowed = true
 local denied_index, retry = 0, -1
 local shadow_mask = ""
+local base = 10
+local check = mode == "check"
+-- What a check adds to each request log, and to each token log: made once.
+local request_entry, token_entry
+-- Two rules with the same key (say a shadow rule beside an enforced one) share one log: the
+-- second reads what the first found, and a check is one entry in it.
+local first_of = {}
 
 for i = 1, count do
-  local base = 10 + (i - 1) * 6
-  local kind = ARGV[base + 1]
-  local item = {
-    kind = kind,
-    limit = number(ARGV[base + 2]),
-    span = ARGV[base + 3],
-    ttl = ARGV[base + 4],
-    shadow = ARGV[base + 5] == "1",
-    label = ARGV[base + 6],
-    -- Named here, though set below, so that the table is made at its full size once.
-    key = nil, sum_key = nil, weight = nil, needed = nil, window = nil, oldest = nil,
-    used = nil, fresh = nil,
-  }
-  if kind ~= "x" then
-    item.key = KEYS[key_index]
-    key_index = key_index + 1
-  end
-  local weight = 1
-  if kind == "t" or kind == "k" then
-    weight = tokens
-  elseif kind == "m" then
-    weight = cost
-  end
-  if peek then weight = 0 end
-  item.weight = weight
-  local needed = weight
-
+  local kind, limit, span = ARGV[base + 1], ARGV[base + 2] + 0, ARGV[base + 3]
+  local key, sum_key, oldest, window, a, b, c, d
+  local used, fresh, needed = 0, false, 1
   if kind == "r" then
-    local window = number(item.span)
-    item.window = window
-    local oldest, _, left = trim(item.key, now - window, false)
-    item.oldest = oldest
-    item.used = item.oldest and call("ZCARD", item.key) or 0
-    if left and item.used > 0 then call("PEXPIRE", item.key, item.ttl) end
-    item.fresh = item.used == 0
-  elseif kind == "t" then
-    local window = number(item.span)
-    item.window = window
-    item.sum_key = KEYS[key_index]
+    key = KEYS[key_index]
     key_index = key_index + 1
-    local gone, left
-    item.oldest, gone, left = trim(item.key, now - window, true)
-    if gone > 0 then
-      item.used = call("DECRBY", item.sum_key, gone)
-      if item.used <= 0 then
-        call("DEL", item.sum_key)
-        item.used = 0
+    window = span + 0
+    local first = first_of[key]
+    if first then
+      used, oldest = first[3], first[4]
+    else
+      local last = call("LINDEX", key, "-1")
+      if last then
+        oldest = match(last, "^%d+") + 0
+        local cutoff = now - window
+        if oldest <= cutoff then
+          oldest = trim_log(key, cutoff, false, last)
+          -- What is left must outlive itself: see "Expiry".
+          if oldest then call("PEXPIRE", key, floor(window / 500)) end
+        end
+      end
+      if check then
+        -- Added before the decision, as LPUSH answers the count; taken back (LPOP) below
+        -- when the check is denied. Nothing runs in between.
+        request_entry = request_entry or now_text .. ":" .. member
+        used = call("LPUSH", key, request_entry) - 1
+      elseif oldest then
+        used = call("LLEN", key)
+      end
+    end
+    fresh = used == 0
+    if peek then needed = 0 end
+  elseif kind == "t" then
+    key, sum_key = KEYS[key_index], KEYS[key_index + 1]
+    key_index = key_index + 2
+    window = span + 0
+    if not peek then needed = tokens else needed = 0 end
+    local gone = 0
+    local first = first_of[key]
+    local last = not first and call("LINDEX", key, "-1")
+    if first then
+      used, oldest = first[3], first[4]
+    elseif last then
+      oldest = match(last, "^%d+") + 0
+      local cutoff = now - window
+      if oldest <= cutoff then
+        oldest, gone = trim_log(key, cutoff, true, last)
+        if oldest then
+          call("PEXPIRE", key, floor(window / 500))
+          call("PEXPIRE", sum_key, floor(window / 500))
+        end
+      end
+    end
+    if first then
+      -- read above
+    elseif gone > 0 then
+      used = call("DECRBY", sum_key, gone)
+      if used <= 0 then
+        call("DEL", sum_key)
+        used = 0
       end
     else
-      item.used = number(call("GET", item.sum_key) or "0")
+      used = (call("GET", sum_key) or 0) + 0
     end
-    if left and item.oldest then
-      call("PEXPIRE", item.key, item.ttl)
-      call("PEXPIRE", item.sum_key, item.ttl)
-    end
-    item.fresh = item.oldest == nil
+    fresh = oldest == nil
   elseif kind == "c" then
-    item.oldest = trim(item.key, now, false)
-    item.used = item.oldest and call("ZCARD", item.key) or 0
+    oldest = trim_leases(KEYS[key_index], now)
+    key = KEYS[key_index]
+    key_index = key_index + 1
+    if oldest then used = call("ZCARD", key) end
+    if peek then needed = 0 end
   elseif kind == "x" then
-    local kept_used, kept_reset, counted_used, counted_reset, line =
-      string.match(item.ttl, "^(%S+) (%S+) (%S+) (%S+)\n?(.*)$")
-    item.used, item.kept_reset = tonumber(kept_used), tonumber(kept_reset)
-    item.counted_used, item.counted_reset = tonumber(counted_used), tonumber(counted_reset)
-    item.line = line
+    local wait, kept_used, kept_reset, counted_used, counted_reset, line =
+      match(span, "^(%S+) (%S+) (%S+) (%S+) (%S+)\n?(.*)$")
+    span = wait ~= "-" and wait or nil
+    used, a, b, c, d = kept_used + 0, kept_reset + 0, counted_used + 0, counted_reset + 0, line
+    needed = 0
   else
-    item.field, item.period_end, item.stale_field = period_of(item.span)
-    item.used = tonumber(call("HGET", item.key, item.field) or "0")
+    key = KEYS[key_index]
+    key_index = key_index + 1
+    a, b, c = period_of(span)
+    used = (call("HGET", key, a) or 0) + 0
+    if peek then
+      needed = 0
+    elseif kind == "k" then
+      needed = tokens
+    else
+      needed = cost
+    end
   end
-  if kind == "r" or kind == "c" then needed = peek and 0 or 1 end
 
   -- A check needs room for at least one unit even when it estimates no tokens: a spent
   -- token limit or budget denies every check, not only those that announce tokens.
-  local room = math.max(needed, 1)
+  local room = needed > 1 and needed or 1
   local wait
   if kind == "x" then
-    if item.span ~= "" then wait = tonumber(item.span) end
-  elseif item.used + room > item.limit and not peek then
+    if span then wait = span + 0 end
+  elseif used + room > limit and not peek then
     wait = -2
     if kind == "r" then
-      local entry = call("ZRANGE", item.key, item.used - item.limit, item.used - item.limit,
-        "WITHSCORES")
-      if entry[2] then wait = tonumber(entry[2]) + item.window - now end
+      -- The entry that must leave for one more to fit: the limit-th newest, past the one
+      -- this check added.
+      if limit > 0 then
+        local entry = call("LINDEX", key, check and limit or limit - 1)
+        if entry then wait = match(entry, "^%d+") + window - now end
+      end
     elseif kind == "t" then
-      if room <= item.limit then
-        local entries = call("ZRANGE", item.key, 0, -1, "WITHSCORES")
-        local remaining_sum = item.used
-        for j = 1, #entries, 2 do
-          remaining_sum = remaining_sum - weight_of(entries[j])
-          if remaining_sum + room <= item.limit then
-            wait = tonumber(entries[j + 1]) + item.window - now
-            break
-          end
-        end
+      if room <= limit then
+        wait = token_wait(key, used, room, limit, window) or -2
       end
     elseif kind == "c" then
-      if item.oldest then wait = item.oldest - now end
+      if oldest then wait = oldest - now end
     else
-      if room <= item.limit then wait = item.period_end - now end
+      if room <= limit then wait = b - now end
     end
   end
   if wait then
-    if item.shadow then
+    if ARGV[base + 4] ~= "" then
       shadow_mask = shadow_mask .. i .. ","
     else
       allowed = false
@@ -282,104 +383,117 @@ for i = 1, count do
       end
     end
   end
-  item.needed = needed
+  local item = {kind, key, used, oldest, needed, window, fresh, sum_key, base, a, b, c, d}
   limits[i] = item
+  if key and not first_of[key] then first_of[key] = item end
+  base = base + 4
 end
 
-local consume = allowed and mode == "check"
-local consumed = {}
+local consume = allowed and check
+-- A dry run that would pass answers as if it had counted.
+local grow = consume or (mode == "dry" and allowed)
+local consumed, lines = {}, 0
 local result = {allowed and 1 or 0, now_text, denied_index, retry}
+local n = 4
 
 for i = 1, count do
   local item = limits[i]
-  local kind = item.kind
-  local used = item.used
-  local oldest = item.oldest
+  local kind, key, used, oldest = item[1], item[2], item[3], item[4]
   local reset = 0
-  if kind == "x" then
-    if consume or (mode == "dry" and allowed) then
-      used, reset = item.counted_used, item.counted_reset
-      if consume and item.line ~= "" then consumed[#consumed + 1] = item.line end
-    else
-      reset = item.kept_reset
+  if kind == "r" or kind == "t" then
+    local first = first_of[key] == item
+    if consume then
+      local fresh = item[7]
+      if fresh then oldest = now end
+      -- Twice the window, in ms: see "Expiry".
+      local ttl = floor(item[6] / 500)
+      if kind == "r" then
+        if first and fresh then call("PEXPIRE", key, ttl) end
+      else
+        local sum_key = item[8]
+        if first then
+          -- Every check has its entry, with no tokens too: commit finds it in its place.
+          token_entry = token_entry or now_text .. ":" .. ARGV[8] .. ":" .. member
+          call("LPUSH", key, token_entry)
+          if fresh then call("PEXPIRE", key, ttl) end
+          -- A sum that did not exist (or was spent) has no expiry yet.
+          if tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
+            call("PEXPIRE", sum_key, ttl)
+          end
+        end
+        lines = lines + 1
+        consumed[lines] = "t\t" .. key .. "\t" .. sum_key .. "\t" .. ARGV[8] .. "\t" .. now_text
+          .. "\t" .. ARGV[item[9] + 3]
+      end
     end
-  elseif consume then
-    if kind == "r" then
-      if call("ZADD", item.key, now_text, member) == 0 then
+    if check and not allowed and first and kind == "r" then call("LPOP", key) end
+    if grow then used = used + item[5] end
+    if oldest then
+      reset = oldest + item[6] - now
+    elseif used > 0 then
+      reset = item[6]
+    end
+  elseif kind == "x" then
+    if grow then
+      used, reset = item[11], item[12]
+      if consume and item[13] ~= "" then
+        lines = lines + 1
+        consumed[lines] = item[13]
+      end
+    else
+      reset = item[10]
+    end
+  elseif kind == "c" then
+    if consume then
+      local expires = now + ARGV[item[9] + 3]
+      if call("ZADD", key, expires, member) == 0 then
         -- The member was there already (a request id seen before its record): its score
-        -- moved, so read the oldest again.
-        oldest = tonumber(call("ZRANGE", item.key, "0", "0", "WITHSCORES")[2])
-      elseif oldest == nil or now < oldest then
-        oldest = now
-      end
-      if item.fresh then call("PEXPIRE", item.key, item.ttl) end
-    elseif kind == "t" then
-      if item.weight > 0 then
-        if call("ZADD", item.key, now_text, ARGV[8] .. ":" .. member) == 0 then
-          oldest = tonumber(call("ZRANGE", item.key, "0", "0", "WITHSCORES")[2])
-        elseif oldest == nil or now < oldest then
-          oldest = now
-        end
-        -- A sum that did not exist (or was spent) has no expiry yet.
-        if call("INCRBY", item.sum_key, ARGV[8]) == item.weight or item.fresh then
-          call("PEXPIRE", item.sum_key, item.ttl)
-        end
-        if item.fresh then call("PEXPIRE", item.key, item.ttl) end
-      end
-      -- One concatenation makes one string; table.concat would make a table and a string.
-      consumed[#consumed + 1] = "t\t" .. item.key .. "\t" .. item.sum_key .. "\t" .. ARGV[8]
-        .. "\t" .. now_text .. "\t" .. item.span
-    elseif kind == "c" then
-      local expires = now + tonumber(item.span)
-      if call("ZADD", item.key, expires, member) == 0 then
-        oldest = tonumber(call("ZRANGE", item.key, "0", "0", "WITHSCORES")[2])
+        -- moved, so read the earliest again.
+        oldest = call("ZRANGE", key, "0", "0", "WITHSCORES")[2] + 0
       elseif oldest == nil or expires < oldest then
         oldest = expires
       end
       -- Every lease added pushes the expiry past the lease that expires last.
-      call("PEXPIRE", item.key, item.ttl)
-      consumed[#consumed + 1] = "c\t" .. item.key
-    else
-      call("HINCRBY", item.key, item.field, kind == "k" and ARGV[8] or ARGV[9])
-      call("HDEL", item.key, item.stale_field)
+      call("PEXPIRE", key, floor(ARGV[item[9] + 3] / 1000) + 1)
+      lines = lines + 1
+      consumed[lines] = "c\t" .. key
+    end
+    if grow then used = used + item[5] end
+    if oldest then reset = oldest - now end
+  else
+    local period_end = item[11]
+    if consume then
+      local amount = kind == "k" and ARGV[8] or ARGV[9]
+      call("HINCRBY", key, item[10], amount)
+      call("HDEL", key, item[12])
       -- Kept one period past its end so late usage reports still correct it; relative to
       -- this script's clock, which tests may move.
-      local keep = item.span == "d" and DAY or 31 * DAY
-      call("PEXPIRE", item.key, floor((item.period_end + keep - now) / 1000))
-      consumed[#consumed + 1] = kind .. "\t" .. item.key .. "\t" .. item.field .. "\t"
-        .. (kind == "k" and ARGV[8] or ARGV[9])
+      local keep = ARGV[item[9] + 3] == "d" and DAY or 31 * DAY
+      call("PEXPIRE", key, floor((period_end + keep - now) / 1000))
+      lines = lines + 1
+      consumed[lines] = kind .. "\t" .. key .. "\t" .. item[10] .. "\t" .. amount
     end
-    used = used + item.needed
-  elseif mode == "dry" and allowed then
-    used = used + item.needed
+    if grow then used = used + item[5] end
+    reset = period_end - now
   end
-  if kind == "r" or kind == "t" then
-    if oldest then
-      reset = oldest + item.window - now
-    elseif used > 0 then
-      reset = item.window
-    end
-  elseif kind == "c" then
-    if oldest then reset = oldest - now end
-  elseif kind ~= "x" then
-    reset = item.period_end - now
-  end
-  result[#result + 1] = used
-  result[#result + 1] = reset
+  result[n + 1] = used
+  result[n + 2] = reset
+  n = n + 2
 end
-result[#result + 1] = shadow_mask
+result[n + 1] = shadow_mask
 
 if mode == "check" then
   -- The answer as text in one go: "%d" writes every whole number exactly (Lua's own
   -- number formatting rounds past 14 digits, and goes through the slower "%.14g").
   local stored = string.format("%d;%s;%d;%d" .. string.rep(";%d", 2 * count) .. ";%s",
     unpack(result))
-  call("HSET", record_key, "d", stored, "c", table.concat(consumed, "\n"),
-    "x", ARGV[7] .. ARGV[5])
-  call("PEXPIRE", record_key, ARGV[4])
+  -- The record: decision, settlement (empty until commit.lua), what commit needs, and the
+  -- consumed lines, one string with its expiry in one command.
+  call("SET", record_key, stored .. "\n\n" .. ARGV[7] .. ARGV[5] .. "\n"
+    .. table.concat(consumed, "\n"), "PX", ARGV[4])
   if shadow_mask ~= "" then
     for index in string.gmatch(shadow_mask, "(%d+),") do
-      call("HINCRBY", shadow_key, limits[tonumber(index)].label, 1)
+      call("HINCRBY", shadow_key, ARGV[limits[index + 0][9] + 4], 1)
     end
     call("PEXPIRE", shadow_key, 7 * DAY / 1000)
   end
@@ -389,6 +503,7 @@ if mode == "check" then
     call("HINCRBY", denied_key, floor(now / 3600000000) .. "|" .. ARGV[6], 1)
     call("PEXPIRE", denied_key, 2 * DAY / 1000)
   end
+  return stored
 end
 
 return result

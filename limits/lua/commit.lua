@@ -1,7 +1,8 @@
 --[[
 commit.lua: settle an allowed check with what the inference really used.
 
-KEYS[1]  request record (hash) written by check.lua
+KEYS[1]  request record (string) written by check.lua: "<decision>\n<settlement>\n<what commit
+         needs>\n<consumed lines>"; one kept as a hash (the layout before) is read too
 KEYS[2]  usage event stream of the tenant
 KEYS[3…] the keys named by the record's consumed entries, in their order (a token window
          gives its sorted set and its running sum). On a Redis Cluster the entries of a
@@ -15,11 +16,13 @@ ARGV[4]  actual cost in nano-units of the currency
 ARGV[5]  settlement summary to remember ("<input>;<output>;<status>")
 ARGV[6]  usage event payload (JSON)
 
-Each consumed entry is replaced by the actual: a token window entry still inside its window
-gets the actual weight and twice its window to live (see check.lua, "Expiry"; one that
-already slid out changes nothing), a budget period gets actual − estimate, a concurrency
-slot is freed. Nothing is ever credited below zero, so a report can return at most what this
-request reserved.
+Each consumed entry is replaced by the actual: a token log entry still inside its window
+gets the actual weight in its place (or leaves, for none) and its log twice its window to
+live (see check.lua, "Expiry"; one that already slid out changes nothing), a budget period
+gets actual − estimate, a concurrency slot is freed. A token line of a record kept as a hash
+names a window of the layout before (a sorted set, no longer read by any check): passed
+over. Nothing is ever credited below zero, so a report can return at most what this request
+reserved.
 
 Returns {-1} for an unknown request, {0, summary} when it was settled before (nothing
 changes), {1, summary} when settled now.
@@ -29,7 +32,18 @@ local record_key, stream_key = KEYS[1], KEYS[2]
 local member = ARGV[2]
 local actual_tokens, actual_cost = tonumber(ARGV[3]), tonumber(ARGV[4])
 
-local record = redis.call("HMGET", record_key, "c", "s", "d")
+-- pcall: a record kept as a hash (the layout before this one) is a type error for GET.
+local stored = redis.pcall("GET", record_key)
+local record, hashed
+if type(stored) == "table" then
+  record, hashed = redis.call("HMGET", record_key, "c", "s", "d"), true
+elseif stored then
+  local decision, settled, extra, consumed =
+    string.match(stored, "^([^\n]*)\n([^\n]*)\n([^\n]*)\n(.*)$")
+  record = {consumed, settled ~= "" and settled or nil, decision, extra}
+else
+  return {-1}
+end
 if not record[3] then
   return {-1}
 end
@@ -68,17 +82,18 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
     key_index = key_index + 2
     local weight, at, window = tonumber(fields[4]), tonumber(fields[5]), tonumber(fields[6])
     if at > now - window then
-      local present = 1
-      if weight > 0 then
-        present = redis.call("ZREM", key, string.format("%d", weight) .. ":" .. member)
-      end
-      -- Absent with a weight means the user's windows were reset: nothing to correct.
-      if present == 1 then
+      local entry = fields[5] .. ":" .. fields[4] .. ":" .. member
+      -- nil when absent (the user's windows were reset: nothing to correct); an error
+      -- (a table) for a window of the layout before.
+      local index = redis.pcall("LPOS", key, entry)
+      if index and type(index) ~= "table" then
         if actual_tokens > 0 then
-          redis.call("ZADD", key, at, string.format("%d", actual_tokens) .. ":" .. member)
+          redis.call("LSET", key, index, fields[5] .. ":" .. ARGV[3] .. ":" .. member)
+        else
+          redis.call("LREM", key, 1, entry)
         end
-        -- The oldest entry may have changed: twice the window from now, as check.lua's
-        -- expiry rule needs (never shorter than what a check set before).
+        -- Twice the window from now, as check.lua's expiry rule needs (never shorter than
+        -- what a check set before).
         local ttl = math.floor(2 * window / 1000)
         redis.call("PEXPIRE", key, ttl)
         local delta = actual_tokens - weight
@@ -107,7 +122,12 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
   end
 end
 
-redis.call("HSET", record_key, "s", ARGV[5])
+if hashed then
+  redis.call("HSET", record_key, "s", ARGV[5])
+else
+  redis.call("SET", record_key, record[3] .. "\n" .. ARGV[5] .. "\n" .. record[4] .. "\n"
+    .. record[1], "KEEPTTL")
+end
 redis.call("XADD", stream_key, "*", "k", "commit", "e", ARGV[6],
   "t", string.format("%.0f", now))
 return {1, ARGV[5]}

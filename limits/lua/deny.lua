@@ -7,7 +7,8 @@ check.lua need not run. This script only does what such a denial must still do i
 keep its request id's first decision (idempotency: a repeat of a request id allowed before
 must get that allowed decision back, never this denial) and count the denial for billing.
 
-KEYS[1]  request record (hash), as check.lua writes it
+KEYS[1]  request record (string), as check.lua writes it (one kept as a hash, the layout
+         before, is read too)
 KEYS[2]  denied counter (hash) of the tenant, as check.lua counts into it
 KEYS[3]  the tenant's reset mark: set by a reset of one of its users, for as long as a
          cached denial can live; while it exists no denial is answered from a cache
@@ -45,15 +46,19 @@ if retry <= 0 or call("EXISTS", reset_key) == 1 then
   return {3}
 end
 
-local stored = call("HMGET", record_key, "d", "s")
-if stored[1] then
-  return {2, stored[1], stored[2] and 1 or 0}
+-- pcall: a record kept as a hash (the layout before this one) is a type error for GET.
+local stored = redis.pcall("GET", record_key)
+if type(stored) == "table" then
+  stored = call("HMGET", record_key, "d", "s")
+  if stored[1] then return {2, stored[1], stored[2] and 1 or 0} end
+elseif stored then
+  local decision, settled = string.match(stored, "^([^\n]*)\n([^\n]*)")
+  return {2, decision, settled ~= "" and 1 or 0}
 end
 
 -- Lua writes whole numbers below 10^14 exactly (see check.lua); a retry is far below.
 local decision = "0;" .. now_text .. ";" .. ARGV[3] .. retry .. ARGV[4] .. retry .. ARGV[5]
-call("HSET", record_key, "d", decision, "c", "", "x", ARGV[7])
-call("PEXPIRE", record_key, ARGV[6])
+call("SET", record_key, decision .. "\n\n" .. ARGV[7] .. "\n", "PX", ARGV[6])
 call("HINCRBY", denied_key, math.floor(now / 3600000000) .. "|" .. ARGV[8], 1)
 call("PEXPIRE", denied_key, 2 * 86400000)  -- two days, as check.lua
 return {0, decision}
