@@ -186,6 +186,52 @@ local function trim_log(key, cutoff, weighted, last)
   end
 end
 
+--[[
+Upgrade from the sorted-set layout (docs/engine.md, "Upgrading from sorted-set windows").
+Windows used to be sorted sets under the same name with ":w:" where a log has ":l:" (right
+after the hash tag, so both share a cluster slot): members "<member>" or "<tokens>:<member>"
+scored by their time, and a token window's running sum beside it. Only a log found empty asks
+for its old window (one EXISTS): a log holding entries never does, and the old window is
+deleted once carried, so the EXISTS finds nothing afterwards. Its entries still in the window
+move into the log oldest last, its sum is what those entries weigh (what a trim would have
+left), and both get twice the window to live from now (see "Expiry": at least their oldest
+entry's time + 2 x window). Returns the log's last (oldest) entry, or nil when nothing was
+carried.
+]]
+local function carry_over(key, sum_key, cutoff, window)
+  local head, tail = match(key, "^(.-{[^}]*}):l:(.*)$")
+  if not head then return nil end
+  local old = head .. ":w:" .. tail
+  if call("EXISTS", old) == 0 then return nil end
+  local found = call("ZRANGEBYSCORE", old, string.format("(%d", cutoff), "+inf", "WITHSCORES")
+  if sum_key then call("DEL", old, old .. ":sum") else call("DEL", old) end
+  local count = #found
+  if count == 0 then return nil end
+  local entries, total = {}, 0
+  for j = 1, count, 2 do
+    -- "%d": the score comes back as a double's text, maybe with an exponent.
+    local at = string.format("%d", found[j + 1] + 0)
+    entries[#entries + 1] = at .. ":" .. found[j]
+    if sum_key then total = total + match(found[j], "^(%d+):") end
+  end
+  -- In ascending time: each push goes in front, so the oldest ends up last. In chunks, as
+  -- unpack is bounded by Lua's stack and a window may hold as many entries as its limit.
+  local size = #entries
+  for from = 1, size, 1000 do
+    call("LPUSH", key, unpack(entries, from, math.min(from + 999, size)))
+  end
+  local ttl = floor(window / 500)
+  call("PEXPIRE", key, ttl)
+  if sum_key then
+    if total > 0 then
+      call("SET", sum_key, string.format("%d", total), "PX", ttl)
+    else
+      call("DEL", sum_key)
+    end
+  end
+  return entries[1]
+end
+
 -- How long until a token log, holding used, has let enough leave for room more within
 -- limit: its oldest entries are read in chunks growing eightfold until they do. Nil when
 -- they never do (the log alone does not hold enough).
@@ -266,7 +312,7 @@ for i = 1, count do
     if first then
       used, oldest = first[3], first[4]
     else
-      local last = call("LINDEX", key, "-1")
+      local last = call("LINDEX", key, "-1") or carry_over(key, nil, now - window, window)
       if last then
         oldest = match(last, "^%d+") + 0
         local cutoff = now - window
@@ -294,7 +340,8 @@ for i = 1, count do
     if not peek then needed = tokens else needed = 0 end
     local gone = 0
     local first = first_of[key]
-    local last = not first and call("LINDEX", key, "-1")
+    local last = not first
+      and (call("LINDEX", key, "-1") or carry_over(key, sum_key, now - window, window))
     if first then
       used, oldest = first[3], first[4]
     elseif last then
