@@ -472,6 +472,90 @@ def test_a_record_kept_as_a_hash_before_the_upgrade_is_answered_and_settled(
     assert client.hget(old_record, "s") == "20;10;ok"
 
 
+def old_window(policy: PolicyBuilder, scope: str, metric: str, window: int) -> str:
+    """The name a window had before the upgrade (a sorted set under ":w:"), for user u1."""
+    from django.conf import settings
+
+    if scope == "global":
+        return f"{settings.QUOTA_KEY_PREFIX}:{{g:frontier}}:w:{metric}:{window}:global:frontier:all"
+    return f"{engine.tenant_tag(policy.alice.pk)}:w:{metric}:{window}:user:*:u:u1"
+
+
+@pytest.mark.parametrize("scope", ["user", "global"])
+def test_a_request_window_kept_as_a_sorted_set_before_the_upgrade_is_carried_over(
+    policy, store, backend, clock, scope
+):
+    """A user at the limit before the upgrade stays there after it (docs/engine.md,
+    "Upgrading"): the old window's entries still in the window move into the new log, the old
+    key goes. On a cluster a global capacity is carried by capacity.lua."""
+    if backend == "local":
+        pytest.skip("the in-process twin never held the layout before")
+    policy.rule(scope, "requests", 3, 60, model_class="frontier" if scope == "global" else None)
+    policy.publish()
+    old = old_window(policy, scope, "requests", 60)
+    new = old.replace(":w:", ":l:")
+    member = f"{policy.alice.pk}:r-old"
+    client = store.client
+    # As the code before wrote it: the member scored by its time, twice the window to live.
+    client.zadd(old, {f"{member}-{ago}": clock.now - ago * 1_000_000 for ago in (70, 50, 40, 10)})
+    client.pexpire(old, 120_000)
+
+    denied = check(policy.alice)
+
+    assert not denied.allowed
+    assert denied.retry_after == pytest.approx(10.0, abs=0.01)  # when the one of -50 s leaves
+    assert not client.exists(old)
+    assert 0 < client.pttl(new) <= 120_000
+    if scope == "global" and backend == "cluster":  # capacity.lua keeps sorted sets
+        assert client.zrange(new, 0, -1) == [f"{member}-{ago}" for ago in (50, 40, 10)]
+    else:
+        assert client.lrange(new, 0, -1) == [
+            f"{clock.now - ago * 1_000_000}:{member}-{ago}" for ago in (10, 40, 50)
+        ]
+    clock.advance(10 - 0.000001)
+    assert not check(policy.alice).allowed
+    clock.advance(0.000001)
+    assert admitted(policy.alice, 2) == 1
+
+
+@pytest.mark.parametrize("scope", ["user", "global"])
+def test_a_token_window_kept_as_a_sorted_set_before_the_upgrade_is_carried_over(
+    policy, store, backend, clock, scope
+):
+    """Tokens likewise, with the running sum: what is still in the window counts."""
+    if backend == "local":
+        pytest.skip("the in-process twin never held the layout before")
+    policy.rule(scope, "tokens", 1000, 60, model_class="frontier" if scope == "global" else None)
+    policy.publish()
+    old = old_window(policy, scope, "tokens", 60)
+    new = old.replace(":w:", ":l:")
+    member = f"{policy.alice.pk}:r-old"
+    client = store.client
+    weights = {70: 300, 50: 400, 10: 500}  # seconds ago -> tokens; the first has left
+    client.zadd(
+        old, {f"{w}:{member}-{ago}": clock.now - ago * 1_000_000 for ago, w in weights.items()}
+    )
+    client.set(old + ":sum", sum(weights.values()))
+    client.pexpire(old, 120_000)
+    client.pexpire(old + ":sum", 120_000)
+
+    denied = check(policy.alice, tokens=101)
+
+    assert not denied.allowed
+    assert denied.retry_after == pytest.approx(10.0, abs=0.01)  # when the 400 leave
+    assert not client.exists(old) and not client.exists(old + ":sum")
+    assert client.get(new + ":sum") == "900"
+    assert 0 < client.pttl(new) <= 120_000 and 0 < client.pttl(new + ":sum") <= 120_000
+    if scope == "global" and backend == "cluster":
+        assert client.zrange(new, 0, -1) == [f"{weights[ago]}:{member}-{ago}" for ago in (50, 10)]
+    else:
+        assert client.lrange(new, 0, -1) == [
+            f"{clock.now - ago * 1_000_000}:{weights[ago]}:{member}-{ago}" for ago in (10, 50)
+        ]
+    assert check(policy.alice, tokens=100).allowed
+    assert remaining(policy.alice, scope, "tokens") == 0
+
+
 def test_the_same_request_id_in_another_tenant_is_another_request(policy):
     policy.rule("user_model", "requests", 5)
     policy.publish()
