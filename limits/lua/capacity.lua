@@ -30,7 +30,9 @@ settle: what commit.lua does for the lines of the request record that name capac
   KEYS     the keys of those lines, in their order (a token line gives its log and its sum)
   ARGV[4]  actual tokens
   ARGV[5…] the lines. Settling twice changes nothing more: a token entry is replaced only
-           while it still carries the estimate, and a lease is removed once.
+           while it still carries the estimate, and a lease is removed once. A line written
+           before the upgrade names its window's old name; its keys come as the new names
+           (the window carried over here when still empty, see carry_over).
 ]]
 
 local call = redis.call
@@ -279,16 +281,24 @@ for i = 5, #ARGV do
       -- With an estimate the entry is replaced while it still carries it; without one the
       -- actual is added once.
       local present = 1
+      local ttl = math.floor(2 * window / 1000)
       if weight > 0 then
         present = call("ZREM", key, text(weight) .. ":" .. member)
+        -- A line written before the upgrade: its entry is in the old window until a take
+        -- carries it over. Asked only when the entry was not found in an empty window.
+        if present == 0 and call("EXISTS", key) == 0 and carry_over(key, sum_key, ttl) then
+          present = call("ZREM", key, text(weight) .. ":" .. member)
+        end
       elseif actual > 0 then
+        -- Adding into an empty window would leave its old one unread by every take (they
+        -- carry over only into an empty window): carried over first.
+        if call("EXISTS", key) == 0 then carry_over(key, sum_key, ttl) end
         present = call("ZADD", key, "NX", at, text(actual) .. ":" .. member)
       end
       if present == 1 then
         if actual > 0 then
           call("ZADD", key, at, text(actual) .. ":" .. member)
         end
-        local ttl = math.floor(2 * window / 1000)
         call("PEXPIRE", key, ttl)
         local delta = actual - weight
         if delta ~= 0 then
