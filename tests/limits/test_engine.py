@@ -433,7 +433,8 @@ def test_a_record_kept_as_a_hash_before_the_upgrade_is_answered_and_settled(
 ):
     """Records used to be hashes, windows sorted sets under ":w:" (docs/engine.md,
     "Upgrading"). A repeat of such a request id gets its decision back, and its report
-    settles it: budget lines as always; its token lines name an old window, passed over."""
+    settles it: budget lines as always; its token line names an old window that no check has
+    carried over (its new log was not empty), so its entry stays there with its estimate."""
     if backend == "local":
         pytest.skip("the in-process twin never held the layout before")
     policy.rule("user", "tokens", 1000)
@@ -554,6 +555,99 @@ def test_a_token_window_kept_as_a_sorted_set_before_the_upgrade_is_carried_over(
         ]
     assert check(policy.alice, tokens=100).allowed
     assert remaining(policy.alice, scope, "tokens") == 0
+
+
+@pytest.mark.parametrize("scope", ["user", "global"])
+def test_a_record_kept_as_a_hash_is_settled_in_the_window_its_old_one_was_carried_into(
+    policy, store, backend, clock, scope
+):
+    """A request checked before the upgrade and reported after it: once a check has carried
+    its old window over, its token entry is in the new log and the report settles it there."""
+    if backend == "local":
+        pytest.skip("the in-process twin never held the layout before")
+    policy.rule(scope, "tokens", 1000, 60, model_class="frontier" if scope == "global" else None)
+    policy.publish()
+    client = store.client
+    old = old_window(policy, scope, "tokens", 60)
+    new = old.replace(":w:", ":l:")
+    at = clock.now - 10_000_000
+    client.zadd(old, {f"400:{policy.alice.pk}:r-old": at})
+    client.set(old + ":sum", 400)
+    # A record to copy the decision from: another user's (a global window is carried here).
+    assert check(policy.alice, user="u2", tokens=1, request_id="r-new").allowed
+    tag = engine.tenant_tag(policy.alice.pk)
+    decision, _, extra, _ = client.get(f"{tag}:req:r-new").split("\n", 3)
+    old_record = f"{tag}:req:r-old"
+    client.hset(
+        old_record,
+        mapping={
+            "d": decision,
+            "c": f"t\t{old}\t{old}:sum\t400\t{at}\t60000000",
+            "x": extra.replace("r-new", "r-old"),
+        },
+    )
+    client.pexpire(old_record, 120_000)
+
+    assert check(policy.alice, tokens=100).allowed  # carries the user's old window over
+    settled = engine.commit(policy.alice.pk, "r-old", 20, 10)
+
+    assert settled is not None and not settled.repeated
+    assert not client.exists(old)
+    assert client.get(new + ":sum") == ("131" if scope == "global" else "130")
+    assert remaining(policy.alice, scope, "tokens") == (869 if scope == "global" else 870)
+    if scope == "global" and backend == "cluster":
+        assert f"30:{policy.alice.pk}:r-old" in client.zrange(new, 0, -1)
+    else:
+        assert f"{at}:30:{policy.alice.pk}:r-old" in client.lrange(new, 0, -1)
+
+
+@pytest.mark.parametrize("scope", ["user", "global"])
+@pytest.mark.parametrize("estimate", [400, 0])
+def test_a_record_kept_as_a_hash_is_settled_in_its_old_window_until_a_check_carries_it(
+    policy, store, backend, clock, scope, estimate
+):
+    """Reported before any check has carried its old window over: settled there, as the code
+    before did (with no estimate, the actual is added), and carried over with the actual. On a
+    cluster a global capacity's settle carries the window over first and settles it there."""
+    if backend == "local":
+        pytest.skip("the in-process twin never held the layout before")
+    policy.rule(scope, "tokens", 1000, 60, model_class="frontier" if scope == "global" else None)
+    policy.publish()
+    # A record to copy the decision from, touching neither window of u1 and the class frontier.
+    assert check(policy.alice, user="u2", model=LLAMA, tokens=1, request_id="r-new").allowed
+    tag = engine.tenant_tag(policy.alice.pk)
+    client = store.client
+    decision, _, extra, _ = client.get(f"{tag}:req:r-new").split("\n", 3)
+    old = old_window(policy, scope, "tokens", 60)
+    new = old.replace(":w:", ":l:")
+    at = clock.now - 10_000_000
+    client.zadd(old, {f"200:{policy.alice.pk}:r-other": at - 10_000_000})
+    if estimate:
+        client.zadd(old, {f"{estimate}:{policy.alice.pk}:r-old": at})
+    client.set(old + ":sum", 200 + estimate)
+    old_record = f"{tag}:req:r-old"
+    client.hset(
+        old_record,
+        mapping={
+            "d": decision,
+            "c": f"t\t{old}\t{old}:sum\t{estimate}\t{at}\t60000000",
+            "x": extra.replace("r-new", "r-old"),
+        },
+    )
+    client.pexpire(old_record, 120_000)
+
+    settled = engine.commit(policy.alice.pk, "r-old", 20, 10)
+
+    assert settled is not None and not settled.repeated
+    if scope == "global" and backend == "cluster":
+        # capacity.lua's settle carries an empty window over itself (same layout).
+        assert client.get(new + ":sum") == "230"
+    else:
+        assert not client.exists(new)
+        assert client.get(old + ":sum") == "230"
+    assert remaining(policy.alice, scope, "tokens") == 770  # carries the old window over
+    assert not client.exists(old) and not client.exists(old + ":sum")
+    assert client.get(new + ":sum") == "230"
 
 
 def test_the_same_request_id_in_another_tenant_is_another_request(policy):
