@@ -173,6 +173,13 @@ def record_parts(text: str) -> tuple[str, str | None, str, str]:
 
 # A window's name before the upgrade: ":w:" right after the hash tag where a log has ":l:".
 _OLD_WINDOW = re.compile(r"^([^{]*\{[^}]*\}):w:")
+_NEW_WINDOW = re.compile(r"^([^{]*\{[^}]*\}):l:")
+
+
+def window_before_upgrade(key: str) -> str:
+    """The name a request or token log (or its sum) had before the upgrade: check.lua
+    carries a window found there into an empty log (docs/engine.md, "Upgrading")."""
+    return _NEW_WINDOW.sub(r"\1:w:", key, count=1)
 
 
 def consumed_keys(consumed: str) -> list[str]:

@@ -650,6 +650,32 @@ def test_a_record_kept_as_a_hash_is_settled_in_its_old_window_until_a_check_carr
     assert client.get(new + ":sum") == "230"
 
 
+@pytest.mark.parametrize("metric", ["requests", "tokens"])
+def test_a_reset_removes_a_window_kept_as_a_sorted_set_before_the_upgrade(
+    policy, store, backend, clock, metric
+):
+    """Else the next check would carry the counts the reset cleared back over."""
+    if backend == "local":
+        pytest.skip("the in-process twin never held the layout before")
+    policy.rule("user", metric, 3, 60)
+    policy.publish()
+    old = old_window(policy, "user", metric, 60)
+    client = store.client
+    member = f"{policy.alice.pk}:r-old"
+    weight = "1:" if metric == "tokens" else ""
+    client.zadd(
+        old, {f"{weight}{member}-{ago}": clock.now - ago * 1_000_000 for ago in (30, 20, 10)}
+    )
+    if metric == "tokens":
+        client.set(old + ":sum", 3)
+
+    assert engine.reset(policy.alice.pk, "u1") == (2 if metric == "tokens" else 1)
+
+    assert not client.exists(old) and not client.exists(old + ":sum")
+    assert check(policy.alice, tokens=1).allowed
+    assert remaining(policy.alice, "user", metric) == 2
+
+
 def test_the_same_request_id_in_another_tenant_is_another_request(policy):
     policy.rule("user_model", "requests", 5)
     policy.publish()
