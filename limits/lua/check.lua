@@ -54,9 +54,10 @@ log takes its entry before the decision, as LPUSH answers the count, and gives i
 (LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log keeps an
 entry for every check (no tokens too), so commit.lua finds it where it is and rewrites it in
 place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
-follows from the window, so a limit is 4 arguments. The record is one string, written with
-its expiry in one SET. Inside Lua (Redis's interpreter costs tens of instructions a
-bytecode): numerals are parsed once ("+ 0"), the stored answer is written by one
+follows from the window, so a limit is 4 arguments. A log found empty asks once (EXISTS)
+for a window of the layout before to carry over (carry_over); one holding entries never does.
+The record is one string, written with its expiry in one SET. Inside Lua (Redis's
+interpreter costs tens of instructions a bytecode): numerals are parsed once ("+ 0"), the stored answer is written by one
 string.format, a limit's state is one array made in one go, and what a check adds to a log
 is made once. Measured with callgrind on a Redis of its own, instructions per 5-rule check:
 bench/README.md.
