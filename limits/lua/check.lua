@@ -57,10 +57,10 @@ place. A key's expiry is set only when its oldest entry changes (see "Expiry" be
 follows from the window, so a limit is 4 arguments. A log found empty asks once (EXISTS)
 for a window of the layout before to carry over (carry_over); one holding entries never does.
 The record is one string, written with its expiry in one SET. Inside Lua (Redis's
-interpreter costs tens of instructions a bytecode): numerals are parsed once ("+ 0"), the stored answer is written by one
-string.format, a limit's state is one array made in one go, and what a check adds to a log
-is made once. Measured with callgrind on a Redis of its own, instructions per 5-rule check:
-bench/README.md.
+interpreter costs tens of instructions a bytecode): numerals are parsed once ("+ 0"), the
+stored answer is written by one string.format, a limit's state is one array made in one go,
+and what a check adds to a log is made once. Measured with callgrind on a Redis of its own,
+instructions per 5-rule check: bench/README.md.
 
 Time order: Redis TIME and the test clock only move forward in practice; should the clock
 step back, an entry pushed then sits before older ones, and the log counts it until the
