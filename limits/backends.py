@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import re
 import threading
 import time
 import weakref
@@ -170,16 +171,32 @@ def record_parts(text: str) -> tuple[str, str | None, str, str]:
     return decision, settled or None, extra, consumed
 
 
+# A window's name before the upgrade: ":w:" right after the hash tag where a log has ":l:".
+_OLD_WINDOW = re.compile(r"^([^{]*\{[^}]*\}):w:")
+_NEW_WINDOW = re.compile(r"^([^{]*\{[^}]*\}):l:")
+
+
+def window_before_upgrade(key: str) -> str:
+    """The name a request or token log (or its sum) had before the upgrade: check.lua
+    carries a window found there into an empty log (docs/engine.md, "Upgrading")."""
+    return _NEW_WINDOW.sub(r"\1:w:", key, count=1)
+
+
 def consumed_keys(consumed: str) -> list[str]:
-    """The keys a commit touches, in the order commit.lua reads them."""
+    """The keys a commit touches, in the order commit.lua reads them. A token line of a
+    record written before the upgrade names its window's old name: the window it now has
+    is given instead, where a check has carried the old one over (docs/engine.md,
+    "Upgrading from sorted-set windows"); commit.lua reads such a line's name the same way."""
     keys: list[str] = []
     for line in consumed.split("\n"):
         if not line:
             continue
         fields = line.split("\t")
-        keys.append(fields[1])
         if fields[0] == "t":
-            keys.append(fields[2])
+            keys.append(_OLD_WINDOW.sub(r"\1:l:", fields[1], count=1))
+            keys.append(_OLD_WINDOW.sub(r"\1:l:", fields[2], count=1))
+        else:
+            keys.append(fields[1])
     return keys
 
 

@@ -57,6 +57,7 @@ from limits.backends import (
     RedisBackend,
     limit_args,
     sum_key,
+    window_before_upgrade,
 )
 from limits.overlimit import OverLimitCache
 from limits.policystore import Policy, PolicyStore
@@ -899,6 +900,12 @@ def reset(tenant_id: int, user_id: str, model: str | None = None) -> int:
                 keys.add(key)
                 if item.kind == "t":
                     keys.add(sum_key(key))
+                if item.kind in ("r", "t"):
+                    # A window not carried over yet would be by the next check: it goes too.
+                    old = window_before_upgrade(key)
+                    keys.add(old)
+                    if item.kind == "t":
+                        keys.add(sum_key(old))
     ordered = sorted(keys)
     removed = 0
     for store in {id(backend()): backend(), id(local_backend()): local_backend()}.values():

@@ -30,7 +30,9 @@ settle: what commit.lua does for the lines of the request record that name capac
   KEYS     the keys of those lines, in their order (a token line gives its log and its sum)
   ARGV[4]  actual tokens
   ARGV[5…] the lines. Settling twice changes nothing more: a token entry is replaced only
-           while it still carries the estimate, and a lease is removed once.
+           while it still carries the estimate, and a lease is removed once. A line written
+           before the upgrade names its window's old name; its keys come as the new names
+           (the window carried over here when still empty, see carry_over).
 ]]
 
 local call = redis.call
@@ -52,10 +54,41 @@ local function weight_of(entry)
   return tonumber(string.match(entry, "^(%d+):"))
 end
 
+--[[
+Upgrade (docs/engine.md, "Upgrading from sorted-set windows"): a window's name has ":l:" where
+it had ":w:" (right after the {g:<class>} tag: the same slot), its layout here is unchanged.
+A window found empty asks for its old name (one EXISTS; a window holding entries never does)
+and takes it over whole with its sum: the trim that follows removes what has left and takes
+its weight off the sum, as for any window. Both get the window's TTL from now, never shorter
+than what they had (set at or before now with the same TTL), as the expiry rule needs.
+Returns whether anything was carried.
+]]
+local function carry_over(key, sum_key, ttl)
+  local head, tail = string.match(key, "^(.-{[^}]*}):l:(.*)$")
+  if not head then return false end
+  local old = head .. ":w:" .. tail
+  if call("EXISTS", old) == 0 then return false end
+  call("RENAME", old, key)
+  call("PEXPIRE", key, ttl)
+  if sum_key then
+    if call("EXISTS", old .. ":sum") == 1 then
+      call("RENAME", old .. ":sum", sum_key)
+      call("PEXPIRE", sum_key, ttl)
+    else
+      call("DEL", sum_key)
+    end
+  end
+  return true
+end
+
 -- check.lua's trim: removes what has left the window; the oldest score left, the weight
--- that left, whether anything left.
-local function trim(key, cutoff, weighted)
+-- that left, whether anything left. Given a TTL (a request or token window, not leases), an
+-- empty window first carries its old one over.
+local function trim(key, cutoff, weighted, sum_key, ttl)
   local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
+  if head[1] == nil and ttl and carry_over(key, sum_key, ttl) then
+    head = call("ZRANGE", key, "0", "1", "WITHSCORES")
+  end
   local first = tonumber(head[2])
   if first == nil or first > cutoff then
     return first, 0, false
@@ -108,7 +141,7 @@ if op == "take" then
     local kind = item.kind
     item.needed = (peek and 0) or (kind == "t" and tokens or 1)
     if kind == "r" then
-      local oldest, _, left = trim(item.key, now - item.span, false)
+      local oldest, _, left = trim(item.key, now - item.span, false, nil, item.ttl)
       item.oldest = oldest
       item.used = oldest and call("ZCARD", item.key) or 0
       if left and item.used > 0 then call("PEXPIRE", item.key, item.ttl) end
@@ -117,7 +150,7 @@ if op == "take" then
       item.sum_key = KEYS[key_index]
       key_index = key_index + 1
       local gone, left
-      item.oldest, gone, left = trim(item.key, now - item.span, true)
+      item.oldest, gone, left = trim(item.key, now - item.span, true, item.sum_key, item.ttl)
       if gone > 0 then
         item.used = call("DECRBY", item.sum_key, gone)
         if item.used <= 0 then
@@ -248,16 +281,24 @@ for i = 5, #ARGV do
       -- With an estimate the entry is replaced while it still carries it; without one the
       -- actual is added once.
       local present = 1
+      local ttl = math.floor(2 * window / 1000)
       if weight > 0 then
         present = call("ZREM", key, text(weight) .. ":" .. member)
+        -- A line written before the upgrade: its entry is in the old window until a take
+        -- carries it over. Asked only when the entry was not found in an empty window.
+        if present == 0 and call("EXISTS", key) == 0 and carry_over(key, sum_key, ttl) then
+          present = call("ZREM", key, text(weight) .. ":" .. member)
+        end
       elseif actual > 0 then
+        -- Adding into an empty window would leave its old one unread by every take (they
+        -- carry over only into an empty window): carried over first.
+        if call("EXISTS", key) == 0 then carry_over(key, sum_key, ttl) end
         present = call("ZADD", key, "NX", at, text(actual) .. ":" .. member)
       end
       if present == 1 then
         if actual > 0 then
           call("ZADD", key, at, text(actual) .. ":" .. member)
         end
-        local ttl = math.floor(2 * window / 1000)
         call("PEXPIRE", key, ttl)
         local delta = actual - weight
         if delta ~= 0 then

@@ -54,12 +54,13 @@ log takes its entry before the decision, as LPUSH answers the count, and gives i
 (LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log keeps an
 entry for every check (no tokens too), so commit.lua finds it where it is and rewrites it in
 place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
-follows from the window, so a limit is 4 arguments. The record is one string, written with
-its expiry in one SET. Inside Lua (Redis's interpreter costs tens of instructions a
-bytecode): numerals are parsed once ("+ 0"), the stored answer is written by one
-string.format, a limit's state is one array made in one go, and what a check adds to a log
-is made once. Measured with callgrind on a Redis of its own, instructions per 5-rule check:
-bench/README.md.
+follows from the window, so a limit is 4 arguments. A log found empty asks once (EXISTS)
+for a window of the layout before to carry over (carry_over); one holding entries never does.
+The record is one string, written with its expiry in one SET. Inside Lua (Redis's
+interpreter costs tens of instructions a bytecode): numerals are parsed once ("+ 0"), the
+stored answer is written by one string.format, a limit's state is one array made in one go,
+and what a check adds to a log is made once. Measured with callgrind on a Redis of its own,
+instructions per 5-rule check: bench/README.md.
 
 Time order: Redis TIME and the test clock only move forward in practice; should the clock
 step back, an entry pushed then sits before older ones, and the log counts it until the
@@ -186,6 +187,52 @@ local function trim_log(key, cutoff, weighted, last)
   end
 end
 
+--[[
+Upgrade from the sorted-set layout (docs/engine.md, "Upgrading from sorted-set windows").
+Windows used to be sorted sets under the same name with ":w:" where a log has ":l:" (right
+after the hash tag, so both share a cluster slot): members "<member>" or "<tokens>:<member>"
+scored by their time, and a token window's running sum beside it. Only a log found empty asks
+for its old window (one EXISTS): a log holding entries never does, and the old window is
+deleted once carried, so the EXISTS finds nothing afterwards. Its entries still in the window
+move into the log oldest last, its sum is what those entries weigh (what a trim would have
+left), and both get twice the window to live from now (see "Expiry": at least their oldest
+entry's time + 2 x window). Returns the log's last (oldest) entry, or nil when nothing was
+carried.
+]]
+local function carry_over(key, sum_key, cutoff, window)
+  local head, tail = match(key, "^(.-{[^}]*}):l:(.*)$")
+  if not head then return nil end
+  local old = head .. ":w:" .. tail
+  if call("EXISTS", old) == 0 then return nil end
+  local found = call("ZRANGEBYSCORE", old, string.format("(%d", cutoff), "+inf", "WITHSCORES")
+  if sum_key then call("DEL", old, old .. ":sum") else call("DEL", old) end
+  local count = #found
+  if count == 0 then return nil end
+  local entries, total = {}, 0
+  for j = 1, count, 2 do
+    -- "%d": the score comes back as a double's text, maybe with an exponent.
+    local at = string.format("%d", found[j + 1] + 0)
+    entries[#entries + 1] = at .. ":" .. found[j]
+    if sum_key then total = total + match(found[j], "^(%d+):") end
+  end
+  -- In ascending time: each push goes in front, so the oldest ends up last. In chunks, as
+  -- unpack is bounded by Lua's stack and a window may hold as many entries as its limit.
+  local size = #entries
+  for from = 1, size, 1000 do
+    call("LPUSH", key, unpack(entries, from, math.min(from + 999, size)))
+  end
+  local ttl = floor(window / 500)
+  call("PEXPIRE", key, ttl)
+  if sum_key then
+    if total > 0 then
+      call("SET", sum_key, string.format("%d", total), "PX", ttl)
+    else
+      call("DEL", sum_key)
+    end
+  end
+  return entries[1]
+end
+
 -- How long until a token log, holding used, has let enough leave for room more within
 -- limit: its oldest entries are read in chunks growing eightfold until they do. Nil when
 -- they never do (the log alone does not hold enough).
@@ -266,7 +313,7 @@ for i = 1, count do
     if first then
       used, oldest = first[3], first[4]
     else
-      local last = call("LINDEX", key, "-1")
+      local last = call("LINDEX", key, "-1") or carry_over(key, nil, now - window, window)
       if last then
         oldest = match(last, "^%d+") + 0
         local cutoff = now - window
@@ -294,7 +341,8 @@ for i = 1, count do
     if not peek then needed = tokens else needed = 0 end
     local gone = 0
     local first = first_of[key]
-    local last = not first and call("LINDEX", key, "-1")
+    local last = not first
+      and (call("LINDEX", key, "-1") or carry_over(key, sum_key, now - window, window))
     if first then
       used, oldest = first[3], first[4]
     elseif last then

@@ -5,7 +5,8 @@ KEYS[1]  request record (string) written by check.lua: "<decision>\n<settlement>
          needs>\n<consumed lines>"; one kept as a hash (the layout before) is read too
 KEYS[2]  usage event stream of the tenant
 KEYS[3…] the keys named by the record's consumed entries, in their order (a token window
-         gives its sorted set and its running sum). On a Redis Cluster the entries of a
+         gives its log and its running sum; for a line written before the upgrade, the
+         names they have now). On a Redis Cluster the entries of a
          class's global capacity (another slot) are left out; an entry whose key is not the
          next one given is passed over.
 
@@ -20,9 +21,10 @@ Each consumed entry is replaced by the actual: a token log entry still inside it
 gets the actual weight in its place (or leaves, for none) and its log twice its window to
 live (see check.lua, "Expiry"; one that already slid out changes nothing), a budget period
 gets actual − estimate, a concurrency slot is freed. A token line of a record kept as a hash
-names a window of the layout before (a sorted set, no longer read by any check): passed
-over. Nothing is ever credited below zero, so a report can return at most what this request
-reserved.
+names a window of the layout before (":w:"); it is settled in the log of the same name with
+":l:" (given in its place), where check.lua carried the old window's entries over, or in the
+old window while none has yet (see settle_before_upgrade). Nothing is ever credited below
+zero, so a report can return at most what this request reserved.
 
 Returns {-1} for an unknown request, {0, summary} when it was settled before (nothing
 changes), {1, summary} when settled now.
@@ -62,6 +64,47 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+--[[
+A token line of a record written before the upgrade whose entry is not in the log given.
+While the log is empty its old window (":w:", a sorted set of "<tokens>:<member>" by time,
+and its sum) may still wait for a check to carry it over (check.lua, carry_over): the entry
+is settled there, as the code before did, and is carried with the actual. Once the log has
+entries, an entry not in it has left or was reset, unless the check estimated no tokens (the
+old layout kept no entry then): its actual goes into the log in front, out of time order,
+which a log counts until the entries behind it have left (longer, never less).
+]]
+local function settle_before_upgrade(key, sum_key, at, weight_text, window)
+  local weight = tonumber(weight_text)
+  local ttl = math.floor(2 * window / 1000)
+  local delta = actual_tokens - weight
+  if redis.call("EXISTS", key) == 0 then
+    local old = string.gsub(key, "^(.-{[^}]*}):l:", "%1:w:", 1)
+    if redis.call("EXISTS", old) == 0 then
+      if weight > 0 then return end  -- left or reset: nothing to correct
+    else
+      if weight > 0 and redis.call("ZREM", old, weight_text .. ":" .. member) == 0 then return end
+      if actual_tokens > 0 then redis.call("ZADD", old, at, ARGV[3] .. ":" .. member) end
+      redis.call("PEXPIRE", old, ttl)
+      if delta ~= 0 then
+        local total = redis.call("INCRBY", old .. ":sum", delta)
+        if total <= 0 then
+          redis.call("DEL", old .. ":sum")
+        else
+          redis.call("PEXPIRE", old .. ":sum", ttl)
+        end
+      end
+      return
+    end
+  elseif weight > 0 then
+    return
+  end
+  if actual_tokens > 0 then
+    redis.call("LPUSH", key, at .. ":" .. ARGV[3] .. ":" .. member)
+    redis.call("PEXPIRE", key, ttl)
+    redis.call("INCRBY", sum_key, actual_tokens)
+    redis.call("PEXPIRE", sum_key, ttl)
+  end
+end
 
 -- One line per consumed limit, tab-separated fields (see check.lua).
 local key_index = 3
@@ -71,6 +114,11 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
     fields[#fields + 1] = field
   end
   local kind = fields[1]
+  if hashed and kind == "t" then
+    -- Written before the upgrade: its window's old name. The engine gives the log it has now
+    -- (where a check carried the old window over, with this request's entry in it).
+    fields[2] = string.gsub(fields[2], "^(.-{[^}]*}):w:", "%1:l:", 1)
+  end
   if fields[2] ~= KEYS[key_index] then
     -- Not given: a global capacity key in another cluster slot, settled by capacity.lua.
     kind = nil
@@ -86,7 +134,9 @@ for line in string.gmatch(record[1] or "", "[^\n]+") do
       -- nil when absent (the user's windows were reset: nothing to correct); an error
       -- (a table) for a window of the layout before.
       local index = redis.pcall("LPOS", key, entry)
-      if index and type(index) ~= "table" then
+      if hashed and not index then
+        settle_before_upgrade(key, sum_key, fields[5], fields[4], window)
+      elseif index and type(index) ~= "table" then
         if actual_tokens > 0 then
           redis.call("LSET", key, index, fields[5] .. ":" .. ARGV[3] .. ":" .. member)
         else
