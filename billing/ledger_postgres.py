@@ -61,7 +61,7 @@ COMMIT_COLUMNS = (
 )
 # LedgerState row whose position is the greatest usage event id the top-user rollups include.
 USERS_FOLDED = "users"
-_UNSETTLED = b"\t\t\t\t\n"  # a check without its commit: the five commit columns empty
+_UNSETTLED = b"\t\t\t\t\t\n"  # a check without its commit: the five commit columns empty
 
 
 class NotAsWritten(Exception):  # noqa: N818 - it is a condition, not a failure
@@ -163,7 +163,7 @@ class _Layout:
             (
                 f"{tenant_id}\t{clean(entry_id)}\t{at_us}\t{clean(request_id)}\t"
                 f"{'' if key is None else key}\t{clean(user)}\t{clean(model)}\t{version}\t"
-                f"{tokens if tokens > 0 else 0}\t"
+                f"{tokens if tokens > 0 else 0}"
             ).encode()
         )
         self.tails.append(_UNSETTLED)
@@ -250,7 +250,7 @@ class _Layout:
                 leftover.append(commit)
         tails = self.tails
         for index, commit in settled.items():
-            tails[index] = b"%b\t%b\t%b\t%b\t%b\n" % (commit[1], commit[2], *commit[4:7])
+            tails[index] = b"\t%b\t%b\t%b\t%b\t%b\n" % (commit[1], commit[2], *commit[4:7])
         checks_text = b"".join(chain.from_iterable(zip(self.heads, tails, strict=True)))
         commits_text = b"".join(
             b"%d\t%b\t%b\t%b\t%b\t%b\t%b\n" % (*commit[:3], commit[7], *commit[4:7])
@@ -309,46 +309,54 @@ def staged_from_stream(streams: Iterable[tuple[int, list[Any]]]) -> Staged | Non
     check_document, commit_document, scan = _CHECK_DOCUMENT, _COMMIT_DOCUMENT, _scan_json
     layout = _Layout(escaped=False)
     # Bound once: the loop below runs per entry.
-    add_head, add_tail, add_model = layout.heads.append, layout.tails.append, layout.models.add
-    add_commit, pair = layout.commits.append, layout.pair
+    heads, by_request = layout.heads, layout.by_request
+    add_head, add_tail, add_model = heads.append, layout.tails.append, layout.models.add
+    add_commit, pair, first_of = layout.commits.append, layout.pair, by_request.setdefault
+    join, unsettled = b"\t".join, _UNSETTLED
     odd = StreamEntries()
     try:
         for tenant_id, items in streams:
-            prefix = b"%d\t" % tenant_id
+            tenant = b"%d" % tenant_id
             odd_items = []
             for raw_id, flat in items:
+                try:
+                    k, kind, e, document, t, at = flat
+                except (TypeError, ValueError):  # not six fields
+                    odd_items.append((raw_id, flat))
+                    continue
                 if not (
-                    len(flat) == 6
-                    and flat[0] == b"k"
-                    and flat[2] == b"e"
-                    and flat[4] == b"t"
+                    k == b"k"
+                    and e == b"e"
+                    and t == b"t"
                     # Digits only: a time the engine can have written, as COPY reads it.
-                    and flat[5].isdigit()
-                    and len(flat[5]) < 18
+                    and at.isdigit()
+                    and len(at) < 18
                 ):
                     odd_items.append((raw_id, flat))
                     continue
-                kind, document, at = flat[1], flat[3], flat[5]
                 if kind == b"check":
                     match = check_document(document)
                     if match is not None:
                         request_id, key, user, model, tokens, version = match.groups()
-                        pair(tenant_id, request_id, len(layout.heads))
+                        index = len(heads)
+                        if first_of((tenant_id, request_id), index) != index:
+                            pair(tenant_id, request_id, index)  # a request id used again
                         add_head(
-                            b"%b%b\t%b\t%b\t%b\t%b\t%b\t%b\t%b\t"
-                            % (
-                                prefix,
-                                raw_id,
-                                at,
-                                request_id,
-                                b"" if key == b"null" else key,
-                                user,
-                                model,
-                                version,
-                                b"0" if tokens[0] == _MINUS else tokens,
+                            join(
+                                (
+                                    tenant,
+                                    raw_id,
+                                    at,
+                                    request_id,
+                                    b"" if key == b"null" else key,
+                                    user,
+                                    model,
+                                    version,
+                                    b"0" if tokens[0] == _MINUS else tokens,
+                                )
                             )
                         )
-                        add_tail(_UNSETTLED)
+                        add_tail(unsettled)
                         add_model(model)
                         continue
                 elif kind == b"commit":
