@@ -45,8 +45,6 @@ import json
 import logging
 import os
 import socket
-import sys
-import threading
 import time
 import uuid
 import weakref
@@ -100,10 +98,11 @@ CLAIM_EVERY_SECONDS = 1.0
 # end of every drain).
 FOLD_EVERY = 50
 # A drain's first batch is read while Postgres has nothing to do; each later one while the
-# one before it is written, which takes about twice as long as reading it. So the first
-# reads take an eighth of the batch size (but no fewer than this many entries per stream)
-# and each read after doubles until the batch size: Postgres starts early and never waits
-# long for a batch.
+# one before it is written. So the first read takes an eighth of the batch size (but no
+# fewer than this many entries per stream) and each read after it twice the last, up to the
+# batch size: Postgres starts after a small read instead of a whole batch's, for three more
+# transactions (writing a batch takes Postgres about as long as reading and laying it out
+# takes Redis and the reading thread, so a batch twice the last one is not always ready).
 FIRST_READ_LEAST = 100
 
 
@@ -319,39 +318,6 @@ def _keep_entries_raw(client: Client) -> None:
         if target is not None and target.response_callbacks.get("XREADGROUP") is not _raw_reply:
             for command in RAW_COMMANDS:
                 target.set_response_callback(command, _raw_reply)
-
-
-# While the drain reads in a second thread, the thread that writes gets the GIL back after
-# each of its round trips to Postgres within this long (CPython's default is 5 ms).
-QUICK_SWITCH_SECONDS = 0.0005
-_quick_switch_lock = threading.Lock()
-_quick_switch_users = 0
-_switch_before = 0.0
-
-
-@contextlib.contextmanager
-def thread_switches_quick() -> Iterator[None]:
-    """Shorten the interpreter's switch interval for as long as this runs (in any thread).
-
-    A thread coming back from I/O waits for the GIL until the thread holding it gives it up,
-    by default after 5 ms. The writing thread comes back from Postgres several times a batch
-    while the reading thread lays out the next one in pure Python: measured, a 10 ms
-    statement took 19 to 25 ms with a busy thread beside it, 11.5 ms at half a millisecond.
-    The interval only matters while a thread waits for the GIL, so the reading thread loses
-    next to nothing. Process-wide, so counted: the last one out puts it back."""
-    global _quick_switch_users, _switch_before
-    with _quick_switch_lock:
-        if _quick_switch_users == 0:
-            _switch_before = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch_before, QUICK_SWITCH_SECONDS))
-        _quick_switch_users += 1
-    try:
-        yield
-    finally:
-        with _quick_switch_lock:
-            _quick_switch_users -= 1
-            if _quick_switch_users == 0:
-                sys.setswitchinterval(_switch_before)
 
 
 @contextlib.contextmanager
@@ -1706,8 +1672,7 @@ def drain(
     batch read ahead is pending under this consumer like any other, and one written but not
     yet acknowledged is recognised when it comes back, so a drain that dies loses nothing
     and doubles nothing. The first batches are smaller (``FIRST_READ_LEAST``), so that
-    Postgres starts early, and the two threads hand the GIL over quickly
-    (``thread_switches_quick``)."""
+    Postgres starts early."""
     started = time.monotonic()
     owned = source is None
     chosen = source or source_default()
@@ -1736,44 +1701,43 @@ def drain(
     # Batches start small only where a second thread reads one while another is written.
     size = count if reader is None else max(min(count, FIRST_READ_LEAST), count // 8)
     try:
-        with thread_switches_quick() if reader is not None else contextlib.nullcontext():
-            for number in range(max_batches):
-                if ahead is not None:
-                    moment = time.perf_counter()
-                    batch, ahead = ahead.result(), None
-                    report.wait_seconds += time.perf_counter() - moment
-                else:
-                    moment = time.perf_counter()
-                    batch = read(size)
-                    report.wait_seconds += time.perf_counter() - moment
-                if not (batch.ids or batch.local_count or batch.denied):
-                    if batch.complete_round:
-                        break
-                    continue
-                if reader is not None and number + 1 < max_batches:
-                    size = min(count, 2 * size)
-                    ahead = reader.submit(read, size, batch.ids)
-                if batch.entries or batch.denied:
-                    moment = time.perf_counter()
-                    report.written.add(
-                        ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
-                    )
-                    if report.batches % FOLD_EVERY == FOLD_EVERY - 1:
-                        user_rollups_fold()
-                    report.write_seconds += time.perf_counter() - moment
-                if reader is None:
-                    ack(batch)
-                else:
-                    if acked is not None:
-                        acked.result()  # a failed acknowledgement stops the drain
-                    acked = reader.submit(ack, batch)
-                report.batches += 1
-            # The fold reads nothing of the streams: the last acknowledgement goes on meanwhile.
-            moment = time.perf_counter()
-            user_rollups_fold()
-            report.write_seconds += time.perf_counter() - moment
-            if acked is not None:
-                acked.result()
+        for number in range(max_batches):
+            if ahead is not None:
+                moment = time.perf_counter()
+                batch, ahead = ahead.result(), None
+                report.wait_seconds += time.perf_counter() - moment
+            else:
+                moment = time.perf_counter()
+                batch = read(size)
+                report.wait_seconds += time.perf_counter() - moment
+            if not (batch.ids or batch.local_count or batch.denied):
+                if batch.complete_round:
+                    break
+                continue
+            if reader is not None and number + 1 < max_batches:
+                size = min(count, 2 * size)
+                ahead = reader.submit(read, size, batch.ids)
+            if batch.entries or batch.denied:
+                moment = time.perf_counter()
+                report.written.add(
+                    ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
+                )
+                if report.batches % FOLD_EVERY == FOLD_EVERY - 1:
+                    user_rollups_fold()
+                report.write_seconds += time.perf_counter() - moment
+            if reader is None:
+                ack(batch)
+            else:
+                if acked is not None:
+                    acked.result()  # a failed acknowledgement stops the drain
+                acked = reader.submit(ack, batch)
+            report.batches += 1
+        # The fold reads nothing of the streams: the last acknowledgement goes on meanwhile.
+        moment = time.perf_counter()
+        user_rollups_fold()
+        report.write_seconds += time.perf_counter() - moment
+        if acked is not None:
+            acked.result()
     finally:
         if reader is not None:
             reader.shutdown(wait=True)

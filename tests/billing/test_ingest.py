@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import sys
 import time
 from decimal import Decimal
 
@@ -889,32 +888,26 @@ def test_reading_ahead_never_hands_the_batch_being_written_back_to_its_drain(
     assert redis_client().xlen(stream_key(world.bob.pk)) == 0
 
 
-def test_a_drain_starts_with_small_batches_and_gives_the_switch_interval_back(
-    published, clock, monkeypatch
-):
+def test_a_drain_starts_with_small_batches(published, clock, monkeypatch):
     """The first batch is read while Postgres waits for it: small, then doubling to the batch
-    size. The shorter switch interval lasts as long as the drain."""
+    size."""
     world = published
     for index in range(90):
         engine.check(world.bob.pk, "u", "gpt-4o", tokens=1, request_id=f"r{index}")
     monkeypatch.setattr(ingest, "FIRST_READ_LEAST", 1)
-    sizes, intervals = [], []
+    sizes = []
     read = RedisSource.read
 
     def recorded(self, count, **options):
         sizes.append(count)
-        intervals.append(sys.getswitchinterval())
         return read(self, count, **options)
 
     monkeypatch.setattr(RedisSource, "read", recorded)
-    before = sys.getswitchinterval()
 
     report = drain(batch_size=80)
 
     assert sizes == [10, 20, 40, 80, 80]  # the last one finds nothing left
     assert (report.batches, report.written.inserted) == (4, 90)
-    assert set(intervals) == {ingest.QUICK_SWITCH_SECONDS}
-    assert sys.getswitchinterval() == before
 
 
 def test_the_engines_documents_are_read_by_the_quick_pattern_not_parsed_as_json(published, clock):
