@@ -469,18 +469,22 @@ _AT = "(timestamptz 'epoch' + {0} * interval '1 microsecond')"
 _US = "(extract(epoch from {0}) * 1000000)::bigint"
 
 
-def _rollup(table: str, bucket: str, expression: str, source: str, subject: str) -> str:
-    """Add sums of ``source`` (``model_hours`` or ``user_days``) to a coarser rollup."""
+def _rollup(
+    table: str, bucket: str, expression: str, source: str, subject: str, *, summed: bool = False
+) -> str:
+    """Add sums of ``source`` (``model_hours`` or ``user_days``) to a coarser rollup.
+    ``summed``: ``source`` holds each of the rollup's buckets once already."""
     counters = ["requests", "input_tokens", "output_tokens", "cost"]
     sums = ["sum(requests)", "sum(input_tokens)", "sum(output_tokens)", "sum(cost)"]
     if subject == "model_id":
         counters.append("estimated_requests")
         sums.append("sum(estimated)")
     updates = ", ".join(f"{name} = rollup.{name} + excluded.{name}" for name in counters)
+    values = ", ".join(counters if summed else sums)
     return f"""
     INSERT INTO {table} AS rollup ({bucket}, tenant_id, {subject}, {", ".join(counters)})
-    SELECT {expression}, tenant_id, {subject}, {", ".join(sums)}
-    FROM {source} GROUP BY 1, 2, 3
+    SELECT {expression}, tenant_id, {subject}, {values}
+    FROM {source} {"" if summed else "GROUP BY 1, 2, 3"}
     ON CONFLICT ({bucket}, tenant_id, {subject}) DO UPDATE SET {updates}"""  # noqa: S608
 
 
@@ -798,12 +802,17 @@ SET LOCAL timezone = 'UTC'
 FOLD_USERS = f"""
 WITH
 fresh AS (
-    SELECT occurred_at::date AS day, tenant_id, user_id, count(*) AS requests,
-           sum(billed_input_tokens) AS input_tokens, sum(billed_output_tokens) AS output_tokens,
-           sum(cost) AS cost
-    FROM billing_usageevent
-    WHERE id > %(after)s AND id <= %(through)s
-    GROUP BY 1, 2, 3
+    -- (summed per day as a time, which date_bin finds by arithmetic alone, then made a date:
+    -- ::date on each event converts it to the time zone first; the origin is a UTC midnight
+    -- before any event)
+    SELECT day::date AS day, tenant_id, user_id, requests, input_tokens, output_tokens, cost
+    FROM (SELECT date_bin('1 day', occurred_at, timestamptz '0001-01-01 00:00:00+00') AS day,
+                 tenant_id, user_id, count(*) AS requests,
+                 sum(billed_input_tokens) AS input_tokens,
+                 sum(billed_output_tokens) AS output_tokens, sum(cost) AS cost
+          FROM billing_usageevent
+          WHERE id > %(after)s AND id <= %(through)s
+          GROUP BY 1, 2, 3) AS summed
 ),
 moved AS (
     DELETE FROM billing_userusagedelta
@@ -816,7 +825,9 @@ user_days AS MATERIALIZED (
     FROM (SELECT * FROM fresh UNION ALL SELECT * FROM moved) AS changes
     GROUP BY 1, 2, 3
 ),
-daily_users AS ({_rollup("billing_dailyuserrollup", "day", "day", "user_days", "user_id")}),
+daily_users AS (
+    {_rollup("billing_dailyuserrollup", "day", "day", "user_days", "user_id", summed=True)}
+),
 monthly_users AS (
     {_rollup("billing_monthlyuserrollup", "month", _MONTH.format("day"), "user_days", "user_id")}
 ),
