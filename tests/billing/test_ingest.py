@@ -888,6 +888,28 @@ def test_reading_ahead_never_hands_the_batch_being_written_back_to_its_drain(
     assert redis_client().xlen(stream_key(world.bob.pk)) == 0
 
 
+def test_a_drain_starts_with_small_batches(published, clock, monkeypatch):
+    """The first batch is read while Postgres waits for it: small, then doubling to the batch
+    size."""
+    world = published
+    for index in range(90):
+        engine.check(world.bob.pk, "u", "gpt-4o", tokens=1, request_id=f"r{index}")
+    monkeypatch.setattr(ingest, "FIRST_READ_LEAST", 1)
+    sizes = []
+    read = RedisSource.read
+
+    def recorded(self, count, **options):
+        sizes.append(count)
+        return read(self, count, **options)
+
+    monkeypatch.setattr(RedisSource, "read", recorded)
+
+    report = drain(batch_size=80)
+
+    assert sizes == [10, 20, 40, 80, 80]  # the last one finds nothing left
+    assert (report.batches, report.written.inserted) == (4, 90)
+
+
 def test_the_engines_documents_are_read_by_the_quick_pattern_not_parsed_as_json(published, clock):
     """The drain reads entries laid out as the engine lays them out without a JSON parser;
     anything else still works, only slower. This says when the two drift apart."""
