@@ -44,9 +44,13 @@ _cache: dict[bytes, tuple[float, ApiClient]] = {}
 _cache_lock = threading.Lock()
 
 
+def _digest(raw: str) -> bytes:
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).digest()
+
+
 def api_client_for(raw: str) -> ApiClient | None:
     raw = raw.strip()
-    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).digest()
+    digest = _digest(raw)
     now = time.monotonic()
     cached = _cache.get(digest)
     if cached is not None and cached[0] > now:
@@ -74,8 +78,7 @@ def api_client_for(raw: str) -> ApiClient | None:
 
 def api_client_cached(raw: str) -> ApiClient | None:
     """The client of a key verified moments ago, or None (never a query)."""
-    digest = hashlib.sha256(raw.strip().encode("utf-8", "surrogatepass")).digest()
-    cached = _cache.get(digest)
+    cached = _cache.get(_digest(raw.strip()))
     if cached is not None and cached[0] > time.monotonic():
         return cached[1]
     return None

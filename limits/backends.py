@@ -930,32 +930,31 @@ class LocalBackend:
             )
             used = state["used"]
             if consume:
-                if item.kind == "r":
+                first_push = False
+                if item.kind in ("r", "t"):
                     if state["fresh"]:
                         oldest = now
-                    if key not in pushed:
+                    first_push = key not in pushed
+                    if first_push:
                         pushed.add(key)
+                        entry = (
+                            f"{now}:{call.member}"
+                            if item.kind == "r"
+                            else f"{now}:{weight}:{call.member}"
+                        )
                         log = self._log(key, now) or self._new(key, _Log())
-                        log.push(now, f"{now}:{call.member}")
+                        log.push(now, entry)
                         if state["fresh"]:
                             self._expire(key, now, int(item.ttl_ms))
-                elif item.kind == "t":
+                if item.kind == "t":
                     total_key = state["sum_key"]
-                    if state["fresh"]:
-                        oldest = now
-                    if key not in pushed:
-                        pushed.add(key)
-                        log = self._log(key, now) or self._new(key, _Log())
-                        log.push(now, f"{now}:{weight}:{call.member}")
-                        if state["fresh"]:
-                            self._expire(key, now, int(item.ttl_ms))
-                        if weight > 0:
-                            total = (self._get(total_key, now) or 0) + weight
-                            if total_key not in self._data:
-                                self._expires.pop(total_key, None)
-                            self._data[total_key] = total
-                            if total == weight or state["fresh"]:
-                                self._expire(total_key, now, int(item.ttl_ms))
+                    if first_push and weight > 0:
+                        total = (self._get(total_key, now) or 0) + weight
+                        if total_key not in self._data:
+                            self._expires.pop(total_key, None)
+                        self._data[total_key] = total
+                        if total == weight or state["fresh"]:
+                            self._expire(total_key, now, int(item.ttl_ms))
                     fields = ("t", key, total_key, weight, now, item.span)
                     consumed.append("\t".join(str(field) for field in fields))
                 elif item.kind == "c":
@@ -964,7 +963,7 @@ class LocalBackend:
                     oldest = self._added(entries, expires, call.member, oldest)
                     self._expire(key, now, int(item.ttl_ms))
                     consumed.append(f"c\t{key}")
-                else:
+                elif item.kind != "r":  # a budget
                     fields = self._get(key, now)
                     if fields is None:
                         fields = self._new(key, {})
