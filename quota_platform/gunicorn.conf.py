@@ -90,6 +90,9 @@ max_requests = 0
 # One fixed socket path per user would clash between two instances on one machine.
 control_socket_disable = True
 
-accesslog = "-"
+# ACCESS_LOG: "-" (standard output, the default), a file, or empty for no access log.
+accesslog = os.environ.get("ACCESS_LOG", "-") or None
 errorlog = "-"
+# The same lines as gunicorn's own logger, made for less (quota_platform/gunicorn_logging.py).
+logger_class = "quota_platform.gunicorn_logging.AccessLogger"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()

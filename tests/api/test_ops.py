@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,22 @@ def test_healthz_answers_while_the_process_is_up(server):
 
     assert answer.status == 200
     assert answer.json == {"status": "ok"}
+
+
+def test_the_access_log_has_a_line_per_request_in_gunicorns_format(server):
+    server.call(
+        "GET", "/healthz", headers={"User-Agent": 'probe "7"', "Referer": "https://r.test/"}
+    )
+
+    lines = [line for line in server.log().splitlines() if '"GET /healthz HTTP/1.1" 200' in line]
+    assert any(
+        re.fullmatch(
+            r"127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "
+            r'"GET /healthz HTTP/1\.1" 200 \d+ "https://r\.test/" "probe \\"7\\""',
+            line,
+        )
+        for line in lines
+    ), lines[-3:]
 
 
 def test_readyz_is_200_with_postgres_redis_and_a_policy(server):
