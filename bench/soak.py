@@ -24,7 +24,11 @@ the Celery worker's process group and starts it again, publishes ``--publishes``
 versions through ``loadpolicy`` (each toggles four limits), and lets one hot tenant send 50
 times its tenant limit for a phase, in 5-second slices with as many silent slices between
 them: the other tenants' checks in the silent slices are the control for those in the loud
-ones, in the same minutes. The platform runs with its over-limit cache on
+ones, in the same minutes. The hot tenant's two client processes run at nice 19
+(``--hot-nice``): on a real deployment that tenant's clients run on machines of their own,
+and here, on the same cores, their own work (HTTP, JSON, the log) would count against the
+platform; the platform's work for their checks runs at the usual priority. The platform runs
+with its over-limit cache on
 (``--over-limit-cache``, 5 s; ``0`` turns it off). Every client logs every answer it got.
 After the run it waits (boundedly) for the usage reports the platform deferred (answered 202
 while Redis was away) to be applied, drains what is left with ``manage.py drain_usage`` and
@@ -436,6 +440,7 @@ class ClientPlan:
     seed: int
     log_path: str
     is_hot: bool = False
+    nice: int = 0  # added to the process's niceness before it sends anything
 
 
 LOG_FIELDS = (
@@ -510,6 +515,8 @@ def run_client(plan: ClientPlan, phase: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the soak stops its clients itself,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # by SIGTERM (not the soak's handler)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if plan.nice:
+        os.nice(plan.nice)
     rng = random.Random(plan.seed)
     models = list(MODELS)
     shares = [MODELS[model][1] for model in models]
@@ -770,6 +777,7 @@ class Soak:
                 seed=self.arguments.seed * 1000 + number,
                 log_path=str(self.directory / f"client-{number:02d}.csv"),
                 is_hot=hot,
+                nice=self.arguments.hot_nice if hot else 0,
             )
             process = context.Process(target=run_client, args=(plan, self.phase), daemon=True)
             process.start()
@@ -1729,6 +1737,13 @@ def main() -> None:
         metavar="SECONDS",
         help="QUOTA_OVER_LIMIT_CACHE_SECONDS of the platform (0: off)",
     )
+    parser.add_argument(
+        "--hot-nice",
+        type=int,
+        default=19,
+        metavar="N",
+        help="niceness of the hot tenant's client processes (0: as the others')",
+    )
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
     arguments = parser.parse_args()
     if arguments.seed is None:
@@ -1762,7 +1777,8 @@ def main() -> None:
     print(
         f"  faults: {restarts} Redis restarts, {kills} worker kills, {arguments.publishes} "
         f"publishes ({VARIANT_TEXT}), {HOT_TENANT} at {HOT_FACTOR}x its limit for "
-        f"{hot_seconds:.0f} s (in {HOT_SLICE:g}-s slices over {2 * hot_seconds:.0f} s)"
+        f"{hot_seconds:.0f} s (in {HOT_SLICE:g}-s slices over {2 * hot_seconds:.0f} s), "
+        f"its client processes at nice {arguments.hot_nice}"
     )
     print(
         "  schedule (s after start): "
