@@ -102,7 +102,9 @@ def test_random_bodies_agree_with_the_serializer() -> None:
 
     def value(kind: str) -> Any:
         if kind == "tokens":
-            return rng.choice([0, 1, 250, 4000, MAX_TOKENS, MAX_TOKENS + 1, -1, True, 2.0, "3", None])
+            return rng.choice(
+                [0, 1, 250, 4000, MAX_TOKENS, MAX_TOKENS + 1, -1, True, 2.0, "3", None]
+            )
         if kind == "dry_run":
             return rng.choice([True, False, False, 0, "false", None])
         if kind == "model":
