@@ -322,7 +322,8 @@ def _keep_entries_raw(client: Client) -> None:
 
 @contextlib.contextmanager
 def cyclic_gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a batch is read and laid out.
+    """Pause Python's cyclic garbage collector while a batch is read and laid out (and, in a
+    drain from Redis, until the drain ends).
 
     A batch is hundreds of thousands of small objects (the reply's bytes and lists, the
     parsed documents) and none of them is part of a cycle, but each few hundred made trigger
@@ -1711,38 +1712,44 @@ def drain(
     acked: Future[None] | None = None
     # Batches start small only where a second thread reads one while another is written.
     size = count if reader is None else max(min(count, FIRST_READ_LEAST), count // 8)
+    # Python's cyclic collector stays paused until the drain ends, not only while a batch is
+    # read: a batch's reply lives on while it is written and acknowledged, and a collection
+    # set off meanwhile walked its tens of thousands of lists (and promoted them, to be walked
+    # again). Reference counting frees every batch all the same.
+    paused = cyclic_gc_paused() if reader is not None else contextlib.nullcontext()
     try:
-        for number in range(max_batches):
-            if ahead is not None:
-                moment = time.perf_counter()
-                batch, ahead = ahead.result(), None
-                report.wait_seconds += time.perf_counter() - moment
-            else:
-                moment = time.perf_counter()
-                batch = read(size)
-                report.wait_seconds += time.perf_counter() - moment
-            if not (batch.ids or batch.local_count or batch.denied):
-                if batch.complete_round:
-                    break
-                continue
-            if reader is not None and number + 1 < max_batches:
-                size = min(count, 2 * size)
-                ahead = reader.submit(read, size, batch.ids)
-            if batch.entries or batch.denied:
-                moment = time.perf_counter()
-                report.written.add(
-                    ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
-                )
-                report.write_seconds += time.perf_counter() - moment
-            if reader is None:
-                ack(batch)
-            else:
-                if acked is not None:
-                    acked.result()  # a failed acknowledgement stops the drain
-                acked = reader.submit(ack, batch)
-            report.batches += 1
-        if acked is not None:
-            acked.result()
+        with paused:
+            for number in range(max_batches):
+                if ahead is not None:
+                    moment = time.perf_counter()
+                    batch, ahead = ahead.result(), None
+                    report.wait_seconds += time.perf_counter() - moment
+                else:
+                    moment = time.perf_counter()
+                    batch = read(size)
+                    report.wait_seconds += time.perf_counter() - moment
+                if not (batch.ids or batch.local_count or batch.denied):
+                    if batch.complete_round:
+                        break
+                    continue
+                if reader is not None and number + 1 < max_batches:
+                    size = min(count, 2 * size)
+                    ahead = reader.submit(read, size, batch.ids)
+                if batch.entries or batch.denied:
+                    moment = time.perf_counter()
+                    report.written.add(
+                        ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
+                    )
+                    report.write_seconds += time.perf_counter() - moment
+                if reader is None:
+                    ack(batch)
+                else:
+                    if acked is not None:
+                        acked.result()  # a failed acknowledgement stops the drain
+                    acked = reader.submit(ack, batch)
+                report.batches += 1
+            if acked is not None:
+                acked.result()
     finally:
         if reader is not None:
             reader.shutdown(wait=True)
