@@ -878,6 +878,7 @@ def test_a_drain_leaves_the_top_users_to_their_fold_which_takes_a_backlog_in_par
 
 
 def test_beat_folds_the_top_users_every_minute_in_a_thin_task():
+    from billing import inprocess
     from billing.tasks import user_rollups_task
 
     (entry,) = [
@@ -888,6 +889,8 @@ def test_beat_folds_the_top_users_every_minute_in_a_thin_task():
 
     assert entry["schedule"] == 60.0
     assert user_rollups_task.name == "billing.tasks.user_rollups"
+    # (and the in-process scheduler of the embedded default runs it too)
+    assert ("billing-user-rollups", 60.0, user_rollups_fold) in inprocess._jobs()
 
 
 @pytest.mark.parametrize("folded_between", [False, True])
