@@ -11,7 +11,10 @@ overview on a year of rollups.
    ``COPY`` into a table with the usage table's columns and indexes: the ceiling for getting
    rows into Postgres. Drain and COPY alternate for ``--rounds`` rounds (each from empty
    tables, each timed part after a CHECKPOINT); the median round's ratio counts. Goal: the
-   drain at least half as fast as that COPY.
+   drain at least half as fast as that COPY. The fold of the top-user rollups, which beat
+   runs on its own schedule, is timed after each drain and reported apart, and so are the
+   CPU seconds of each process (medians of the rounds; PostgreSQL's backend only where it
+   runs on this machine), which move far less with other load than the ratio does.
 2. Overview. One year of hourly rollups for 100 tenants × 10 models (8,760,000 rows), the
    daily and monthly rollups made from them, ten users per tenant per day and a monthly
    budget per tenant; ``/billing/`` is then rendered through the Django test client for the default
@@ -170,15 +173,62 @@ def fill_streams(client: Any, tenants: list[int], models: list[str], events: int
     return 2 * events
 
 
-def bench_drain(batch: int) -> dict[str, Any]:
-    from billing.ingest import RedisSource, drain
+# CPU seconds of the processes a timed part keeps busy, where this machine can read them
+# (PostgreSQL local, Linux): the wall-clock ratio moves with whatever else runs on the
+# cores, these much less. Reported, not part of the goal.
+def backend_cpu() -> float | None:
+    """CPU seconds this connection's PostgreSQL backend has used, if it runs here."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def redis_cpu(client: Any) -> float:
+    """The Redis server's CPU seconds (all its clients', not only this run's)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _spent(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def bench_drain(batch: int, client: Any) -> dict[str, Any]:
+    from billing.ingest import RedisSource, drain, user_rollups_fold
 
     source = RedisSource()
+    backend, server = backend_cpu(), redis_cpu(client)
+    process, own = time.process_time(), time.thread_time()
     started = time.perf_counter()
     report = drain(source=source, max_batches=1_000_000, batch_size=batch)
     seconds = time.perf_counter() - started
+    own = time.thread_time() - own
+    cpu = {
+        "backend": _spent(backend, backend_cpu()),
+        # (the process's other threads: the drain's reading thread)
+        "reading": time.process_time() - process - own,
+        "main": own,
+        "redis": redis_cpu(client) - server,
+    }
     source.close()
-    return {"report": report.as_dict(), "seconds": seconds}
+    # Beat's billing-user-rollups, which runs on its own schedule: timed apart, not part of
+    # the drain's rate.
+    started = time.perf_counter()
+    folded = user_rollups_fold()
+    fold_seconds = time.perf_counter() - started
+    assert folded == report.written.inserted, (folded, report.written.inserted)
+    return {
+        "report": report.as_dict(),
+        "seconds": seconds,
+        "fold_seconds": fold_seconds,
+        "cpu": cpu,
+    }
 
 
 def quiet() -> None:
@@ -216,6 +266,7 @@ def bench_copy() -> dict[str, Any]:
         rows = cursor.fetchall()
         cursor.execute("CREATE TABLE bench_raw_copy (LIKE billing_usageevent INCLUDING ALL)")
     types = copy_types(UsageEvent, EVENT_COLUMNS)
+    backend, own = backend_cpu(), time.thread_time()
     started = time.perf_counter()
     with transaction.atomic(), connection.cursor() as cursor:
         statement = f"COPY bench_raw_copy ({columns}) FROM STDIN (FORMAT BINARY)"
@@ -224,7 +275,8 @@ def bench_copy() -> dict[str, Any]:
             for row in rows:
                 copy.write_row(row)
     seconds = time.perf_counter() - started
-    return {"rows": len(rows), "seconds": seconds}
+    cpu = {"backend": _spent(backend, backend_cpu()), "main": time.thread_time() - own}
+    return {"rows": len(rows), "seconds": seconds, "cpu": cpu}
 
 
 # -- 2. the overview -------------------------------------------------------------------------
@@ -367,7 +419,7 @@ def main() -> int:
     parser.add_argument("--tenants", type=int, default=10, help="tenants of the drain part")
     parser.add_argument("--batch", type=int, default=None, help="entries per stream per batch")
     parser.add_argument("--runs", type=int, default=15, help="renders per range")
-    parser.add_argument("--rounds", type=int, default=3, help="drain-then-COPY rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="drain-then-COPY rounds")
     parser.add_argument(
         "--part", choices=("drain", "overview", "both"), default="both", help="what to run"
     )
@@ -415,7 +467,7 @@ def run(args: argparse.Namespace, client: Any, settings: Any) -> int:
                 clear_ledger()
             entries = fill_streams(client, drain_tenants, models, args.events)
             quiet()
-            drained = bench_drain(batch)
+            drained = bench_drain(batch, client)
             quiet()
             copied = bench_copy()
             report = drained["report"]
@@ -452,6 +504,11 @@ def run(args: argparse.Namespace, client: Any, settings: Any) -> int:
             f"{report['read_seconds']:.2f} s reading and laying out batches and "
             f"{report['ack_seconds']:.2f} s acknowledging and trimming while Postgres worked"
         )
+        print(
+            f"   then the fold of the top-user rollups (beat's billing-user-rollups, on its own "
+            f"schedule): {drained['fold_seconds']:.2f} s"
+        )
+        print(cpu_summary([each[3]["cpu"] for each in rounds], [each[4]["cpu"] for each in rounds]))
     if args.part == "drain":
         return goals(ratio, None)
 
@@ -470,6 +527,22 @@ def run(args: argparse.Namespace, client: Any, settings: Any) -> int:
         )
 
     return goals(ratio, overview)
+
+
+def cpu_summary(drains: list[dict[str, Any]], copies: list[dict[str, Any]]) -> str:
+    """Median CPU seconds per process over the rounds (the backend's only where it runs on
+    this machine; Redis's are the whole server's)."""
+
+    def median(parts: list[dict[str, Any]], name: str) -> str:
+        values = [part[name] for part in parts if part[name] is not None]
+        return f"{statistics.median(values):.2f} s" if values else "unknown"
+
+    return (
+        f"   CPU per process, median of the rounds: the drain's PostgreSQL backend "
+        f"{median(drains, 'backend')}, reading thread {median(drains, 'reading')}, main thread "
+        f"{median(drains, 'main')}, Redis {median(drains, 'redis')}; the COPY's backend "
+        f"{median(copies, 'backend')}, main thread {median(copies, 'main')}"
+    )
 
 
 def goals(ratio: float | None, overview: dict[str, dict[str, float]] | None) -> int:

@@ -94,9 +94,9 @@ STREAMS_PER_ROUND = 50
 # the stream's pending entries, this drain's own included, and costs Redis more than reading
 # new ones): at a source's first read, then at most this often.
 CLAIM_EVERY_SECONDS = 1.0
-# Batches between two folds of the user deltas into the top-user rollups (and one at the
-# end of every drain).
-FOLD_EVERY = 50
+# Usage event ids one fold of the top-user rollups takes in a transaction: a fold after a
+# long backlog holds the ledger lock, which the drain waits for, for a second or two at most.
+FOLD_MOST = 500_000
 # A drain's first batch is read while Postgres has nothing to do; each later one while the
 # one before it is written. So the first read takes an eighth of the batch size (but no
 # fewer than this many entries per stream) and each read after it twice the last, up to the
@@ -322,7 +322,8 @@ def _keep_entries_raw(client: Client) -> None:
 
 @contextlib.contextmanager
 def cyclic_gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a batch is read and laid out.
+    """Pause Python's cyclic garbage collector while a batch is read and laid out (and, in a
+    drain from Redis, until the drain ends).
 
     A batch is hundreds of thousands of small objects (the reply's bytes and lists, the
     parsed documents) and none of them is part of a cycle, but each few hundred made trigger
@@ -1152,20 +1153,27 @@ def _write_staged(staged: Staged, denied: dict[int, dict[str, int]], *, fold: bo
     report.denied_buckets = _store_denied(denied, deltas)
     deltas.apply()
     if fold:
-        ledger_postgres.user_rollups_fold()
+        while not ledger_postgres.user_rollups_fold(most=FOLD_MOST)[1]:
+            pass
     return report
 
 
 def user_rollups_fold() -> int:
     """Bring the top-user rollups up to date with the batches the drain wrote (PostgreSQL;
-    elsewhere each batch adds to them itself). Returns how many deltas it folded."""
+    elsewhere each batch adds to them itself): beat's ``billing-user-rollups``, outside the
+    drain. Returns how many events and deltas it folded."""
     if connection.vendor != "postgresql":
         return 0
     from billing import ledger_postgres
 
-    with transaction.atomic():
-        ledger_lock()
-        return ledger_postgres.user_rollups_fold()
+    folded = 0
+    while True:
+        with transaction.atomic():
+            ledger_lock()
+            more, done = ledger_postgres.user_rollups_fold(most=FOLD_MOST)
+        folded += more
+        if done:
+            return folded
 
 
 def ledger_write_portable(
@@ -1672,7 +1680,11 @@ def drain(
     batch read ahead is pending under this consumer like any other, and one written but not
     yet acknowledged is recognised when it comes back, so a drain that dies loses nothing
     and doubles nothing. The first batches are smaller (``FIRST_READ_LEAST``), so that
-    Postgres starts early."""
+    Postgres starts early.
+
+    On PostgreSQL the top-user rollups take the new events later, when
+    ``user_rollups_fold`` runs (beat, every minute): folding a minute of drains at once
+    upserts each user-day once instead of once a drain."""
     started = time.monotonic()
     owned = source is None
     chosen = source or source_default()
@@ -1700,44 +1712,44 @@ def drain(
     acked: Future[None] | None = None
     # Batches start small only where a second thread reads one while another is written.
     size = count if reader is None else max(min(count, FIRST_READ_LEAST), count // 8)
+    # Python's cyclic collector stays paused until the drain ends, not only while a batch is
+    # read: a batch's reply lives on while it is written and acknowledged, and a collection
+    # set off meanwhile walked its tens of thousands of lists (and promoted them, to be walked
+    # again). Reference counting frees every batch all the same.
+    paused = cyclic_gc_paused() if reader is not None else contextlib.nullcontext()
     try:
-        for number in range(max_batches):
-            if ahead is not None:
-                moment = time.perf_counter()
-                batch, ahead = ahead.result(), None
-                report.wait_seconds += time.perf_counter() - moment
-            else:
-                moment = time.perf_counter()
-                batch = read(size)
-                report.wait_seconds += time.perf_counter() - moment
-            if not (batch.ids or batch.local_count or batch.denied):
-                if batch.complete_round:
-                    break
-                continue
-            if reader is not None and number + 1 < max_batches:
-                size = min(count, 2 * size)
-                ahead = reader.submit(read, size, batch.ids)
-            if batch.entries or batch.denied:
-                moment = time.perf_counter()
-                report.written.add(
-                    ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
-                )
-                if report.batches % FOLD_EVERY == FOLD_EVERY - 1:
-                    user_rollups_fold()
-                report.write_seconds += time.perf_counter() - moment
-            if reader is None:
-                ack(batch)
-            else:
-                if acked is not None:
-                    acked.result()  # a failed acknowledgement stops the drain
-                acked = reader.submit(ack, batch)
-            report.batches += 1
-        # The fold reads nothing of the streams: the last acknowledgement goes on meanwhile.
-        moment = time.perf_counter()
-        user_rollups_fold()
-        report.write_seconds += time.perf_counter() - moment
-        if acked is not None:
-            acked.result()
+        with paused:
+            for number in range(max_batches):
+                if ahead is not None:
+                    moment = time.perf_counter()
+                    batch, ahead = ahead.result(), None
+                    report.wait_seconds += time.perf_counter() - moment
+                else:
+                    moment = time.perf_counter()
+                    batch = read(size)
+                    report.wait_seconds += time.perf_counter() - moment
+                if not (batch.ids or batch.local_count or batch.denied):
+                    if batch.complete_round:
+                        break
+                    continue
+                if reader is not None and number + 1 < max_batches:
+                    size = min(count, 2 * size)
+                    ahead = reader.submit(read, size, batch.ids)
+                if batch.entries or batch.denied:
+                    moment = time.perf_counter()
+                    report.written.add(
+                        ledger_write(batch.entries, batch.denied, defer_user_rollups=True)
+                    )
+                    report.write_seconds += time.perf_counter() - moment
+                if reader is None:
+                    ack(batch)
+                else:
+                    if acked is not None:
+                        acked.result()  # a failed acknowledgement stops the drain
+                    acked = reader.submit(ack, batch)
+                report.batches += 1
+            if acked is not None:
+                acked.result()
     finally:
         if reader is not None:
             reader.shutdown(wait=True)

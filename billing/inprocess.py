@@ -45,13 +45,14 @@ def _jobs() -> list[tuple[str, float, Callable[[], object]]]:
     """Beat's billing entries and the limiter's deferred usage reports, each with the
     service its task calls."""
     from billing import services
-    from billing.ingest import drain
+    from billing.ingest import drain, user_rollups_fold
     from billing.rollups import rollups_reconcile_recent
     from limits.usage import deferred_usage_apply
 
     services_by_task: dict[str, Callable[[], object]] = {
         "limits.tasks.deferred_usage_apply": deferred_usage_apply,
         "billing.tasks.drain_usage": drain,
+        "billing.tasks.user_rollups": user_rollups_fold,
         "billing.tasks.rollup": rollups_reconcile_recent,
         "billing.tasks.budget_alerts": services.budget_alerts_check,
         "billing.tasks.statements_finalise": services.statements_finalise_due,

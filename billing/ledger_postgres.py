@@ -788,10 +788,14 @@ SELECT
 """  # noqa: S608
 
 
-# Where the last fold stopped and the newest event; the fold's hours and days are UTC's.
+# Where the last fold stopped, the first event after it and the newest; the fold's hours
+# and days are UTC's.
 _FOLD_FROM = f"""
-SELECT coalesce(max(position), 0), (SELECT max(id) FROM billing_usageevent)
-FROM billing_ledgerstate WHERE name = '{USERS_FOLDED}';
+SELECT folded.position,
+       (SELECT min(id) FROM billing_usageevent WHERE id > folded.position),
+       (SELECT max(id) FROM billing_usageevent)
+FROM (SELECT coalesce(max(position), 0) AS position FROM billing_ledgerstate
+      WHERE name = '{USERS_FOLDED}') AS folded;
 SET LOCAL timezone = 'UTC'
 """  # noqa: S608
 
@@ -948,19 +952,22 @@ def write_staged(staged: Staged, *, pending_limit: int) -> Written:
     return written
 
 
-def user_rollups_fold() -> int:
-    """Fold the events written and the deltas waiting since the last fold into the
-    top-user rollups; the caller holds the ledger lock in this transaction. Returns how many
-    events and deltas it folded."""
+def user_rollups_fold(*, most: int) -> tuple[int, bool]:
+    """Fold the events written (of the next ``most`` ids) and the deltas waiting since the
+    last fold into the top-user rollups; the caller holds the ledger lock in this
+    transaction. Returns how many events and deltas it folded, and whether it caught up."""
     with connection.cursor() as cursor:
         cursor.execute(_FOLD_FROM)
-        after, newest = cursor.fetchone()
-        fold = FOLD_USERS % {"after": int(after), "through": int(max(after, newest or 0))}
+        after, first, newest = cursor.fetchone()
+        newest = max(after, newest or 0)
+        # (ids start anywhere and may have gaps: the part is counted from the first one)
+        through = newest if first is None else min(newest, first + most - 1)
+        fold = FOLD_USERS % {"after": int(after), "through": int(through)}
         # Events the planner has no statistics for yet look few, and few rows are summed by
         # sorting them: a hundred thousand are summed far faster in a hash table. The fold
         # sorts nothing else.
         row = _run_alone(cursor, fold, (*_UNJITTED, ("enable_sort", "off")))
-        return int(row[0])
+        return int(row[0]), through == newest
 
 
 def _add(written: Written, row: tuple[Any, ...]) -> bool:

@@ -277,15 +277,15 @@ class MonthlyUserRollup(models.Model):
 
 
 class UserUsageDelta(models.Model):
-    """What an amendment adds to the top-user rollups, until the drain folds it in.
+    """What an amendment adds to the top-user rollups, until the fold takes it in.
 
     A batch touches thousands of (day, tenant, user) buckets; adding to them for every
-    batch cost the drain more than writing its events. On PostgreSQL the drain folds the
-    usage events written since the last fold (by id, ``LedgerState`` ``users``) into
-    ``DailyUserRollup`` and ``MonthlyUserRollup`` once per drain instead. A commit that
-    amends an event already folded in leaves what it changes here, in its batch's
-    transaction, and the fold adds and deletes it in its own: each counts once, and the top
-    users lag by at most one drain.
+    batch cost the drain more than writing its events. On PostgreSQL the drain leaves them
+    alone, and ``user_rollups_fold`` (beat, every minute) folds the usage events written
+    since the last fold (by id, ``LedgerState`` ``users``) into ``DailyUserRollup`` and
+    ``MonthlyUserRollup``. A commit that amends an event already folded in leaves what it
+    changes here, in its batch's transaction, and the fold adds and deletes it in its own:
+    each counts once, and the top users lag by at most a minute and a drain.
     """
 
     day = models.DateField()
@@ -308,7 +308,7 @@ class LedgerState(models.Model):
     writes usage or rollups, so they never interleave; ``reconciled`` holds the hour up to
     which rollups were last checked against raw events (retention deletes only below it);
     ``users`` holds (``position``) the greatest usage event id the top-user rollups include
-    (on PostgreSQL the drain folds newer events in once per drain)."""
+    (on PostgreSQL ``user_rollups_fold`` folds newer events in, every minute)."""
 
     name = models.CharField(max_length=32, primary_key=True)
     value = models.DateTimeField(null=True, blank=True)

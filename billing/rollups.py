@@ -1,7 +1,8 @@
 """Rollups checked against raw events.
 
-The drain keeps the hourly, daily and top-user rollups up to date in the same transaction
-that writes the raw events, adding exactly what it inserted or amended. ``rollups_reconcile``
+The drain keeps the hourly, daily and monthly rollups up to date in the same transaction
+that writes the raw events, adding exactly what it inserted or amended (the top-user
+rollups follow when ``user_rollups_fold`` runs). ``rollups_reconcile``
 recomputes hours from the raw events and repairs any bucket that differs (logging it), so
 the rollups are also correct by construction for every hour it covers. It marks how far it
 got: raw events are deleted (after ``BILLING_RAW_RETENTION_DAYS``) only below that mark.

@@ -20,7 +20,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
-from billing.ingest import EPOCH, from_us, ledger_lock, month_of, next_month
+from billing.ingest import EPOCH, from_us, ledger_lock, month_of, next_month, user_rollups_fold
 from billing.models import (
     BudgetAlert,
     DailyRollup,
@@ -516,6 +516,9 @@ def usage_retention_run(
 ) -> int:
     """Delete raw usage events older than ``BILLING_RAW_RETENTION_DAYS`` whose hours the
     rollups were checked against; rollups are kept. Returns how many were deleted."""
+    # The top-user rollups read new events from the table when they are folded in: a late
+    # event past retention must be in them before it goes.
+    user_rollups_fold()
     now = now or billing_now()
     reconciled = LedgerState.objects.filter(name="reconciled").values_list("value", flat=True)
     through = reconciled.first()

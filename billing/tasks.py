@@ -14,7 +14,7 @@ from celery import shared_task
 from django.db import DatabaseError
 
 from billing import services
-from billing.ingest import drain
+from billing.ingest import drain, user_rollups_fold
 from billing.rollups import rollups_reconcile_recent
 
 # A cluster client that cannot reach any node, or finds slots without a node, raises
@@ -35,6 +35,13 @@ COMMON: dict[str, Any] = {
 def drain_usage_task(max_batches: int = 50) -> dict[str, Any]:
     """Move usage events from the limiter into Postgres (beat: every 5 s)."""
     return drain(max_batches=max_batches).as_dict()
+
+
+@shared_task(name="billing.tasks.user_rollups", soft_time_limit=50, time_limit=58, **COMMON)
+def user_rollups_task() -> dict[str, Any]:
+    """Fold the events the drain wrote since the last fold into the top-user rollups (beat:
+    every minute)."""
+    return {"folded": user_rollups_fold()}
 
 
 @shared_task(name="billing.tasks.rollup", soft_time_limit=240, time_limit=280, **COMMON)

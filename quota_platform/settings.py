@@ -174,12 +174,18 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "schedule": 5.0,
         "options": {"expires": 5},
     },
-    # Billing: usage streams into Postgres, rollups checked against raw events, budget
-    # alerts, monthly statements and raw-event retention (billing/tasks.py).
+    # Billing: usage streams into Postgres, the top-user rollups brought up to date,
+    # rollups checked against raw events, budget alerts, monthly statements and raw-event
+    # retention (billing/tasks.py).
     "billing-drain": {
         "task": "billing.tasks.drain_usage",
         "schedule": 5.0,
         "options": {"expires": 5},
+    },
+    "billing-user-rollups": {
+        "task": "billing.tasks.user_rollups",
+        "schedule": 60.0,
+        "options": {"expires": 60},
     },
     "billing-rollup": {
         "task": "billing.tasks.rollup",

@@ -147,6 +147,7 @@ def test_each_allowed_check_lands_once_amended_by_its_commit(published, clock):
     engine.commit(world.alice.pk, "r1", input_tokens=300, output_tokens=120)
 
     report = drain()
+    user_rollups_fold()
 
     assert report.written.inserted == 3
     assert report.written.read == 4
@@ -794,6 +795,7 @@ def test_names_with_tabs_line_breaks_and_backslashes_are_stored_as_they_are(publ
     engine.commit(world.alice.pk, "r\\1\t", input_tokens=3, output_tokens=4)
 
     assert drain().written.inserted == 1
+    user_rollups_fold()
 
     event = UsageEvent.objects.get()
     assert (event.user_id, event.request_id, event.input_tokens) == (user, "r\\1\t", 3)
@@ -843,6 +845,52 @@ def test_the_top_user_rollups_take_the_events_a_drain_wrote_once_when_it_folds(p
         "u0": 30,
         "u1": 30,
     }
+
+
+def test_a_drain_leaves_the_top_users_to_their_fold_which_takes_a_backlog_in_parts(
+    published, clock, monkeypatch
+):
+    world = published
+    for index in range(7):
+        engine.check(world.alice.pk, f"u{index % 2}", "gpt-4o", tokens=10, request_id=f"r{index}")
+        engine.commit(world.alice.pk, f"r{index}", input_tokens=index, output_tokens=1)
+
+    assert drain().written.inserted == 7
+    assert DailyUserRollup.objects.count() == 0
+    parts = []
+    fold_part = ledger_postgres.user_rollups_fold
+
+    def counted(*, most: int) -> tuple[int, bool]:
+        parts.append(fold_part(most=most))
+        return parts[-1]
+
+    monkeypatch.setattr(ingest, "FOLD_MOST", 3)
+    monkeypatch.setattr(ledger_postgres, "user_rollups_fold", counted)
+
+    assert user_rollups_fold() == 7
+    assert parts == [(3, False), (3, False), (1, True)]
+    assert user_rollups_fold() == 0
+    assert dict(DailyUserRollup.objects.values_list("user_id", "input_tokens")) == {
+        "u0": 0 + 2 + 4 + 6,
+        "u1": 1 + 3 + 5,
+    }
+    assert dict(MonthlyUserRollup.objects.values_list("user_id", "requests")) == {"u0": 4, "u1": 3}
+
+
+def test_beat_folds_the_top_users_every_minute_in_a_thin_task():
+    from billing import inprocess
+    from billing.tasks import user_rollups_task
+
+    (entry,) = [
+        entry
+        for entry in django_settings.CELERY_BEAT_SCHEDULE.values()
+        if entry["task"] == "billing.tasks.user_rollups"
+    ]
+
+    assert entry["schedule"] == 60.0
+    assert user_rollups_task.name == "billing.tasks.user_rollups"
+    # (and the in-process scheduler of the embedded default runs it too)
+    assert ("billing-user-rollups", 60.0, user_rollups_fold) in inprocess._jobs()
 
 
 @pytest.mark.parametrize("folded_between", [False, True])

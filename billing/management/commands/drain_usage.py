@@ -9,16 +9,17 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from billing.ingest import DrainReport, drain, source_default
+from billing.ingest import DrainReport, drain, source_default, user_rollups_fold
 from billing.rollups import ReconcileReport, rollups_reconcile
 
 
 class Command(BaseCommand):
     help = (
-        "Drain the usage streams into Postgres (every event exactly once) and check the "
-        "rollups of the hours it wrote against the raw events: what Celery beat runs every "
-        "few seconds. With --follow it keeps draining until stopped (Ctrl-C, SIGTERM) or "
-        "idle for --stop-when-idle seconds."
+        "Drain the usage streams into Postgres (every event exactly once), bring the "
+        "top-user rollups up to date and check the rollups of the hours it wrote against "
+        "the raw events: what Celery beat runs every few seconds (and every minute). With "
+        "--follow it keeps draining until stopped (Ctrl-C, SIGTERM) or idle for "
+        "--stop-when-idle seconds."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -49,6 +50,8 @@ class Command(BaseCommand):
         try:
             while True:
                 report = drain(source=source, max_batches=1000, batch_size=options["batch_size"])
+                if report.batches:
+                    user_rollups_fold()
                 checked = self._reconcile(report)
                 if report.batches or not options["follow"]:
                     self.stdout.write(self._summary(report, checked))
