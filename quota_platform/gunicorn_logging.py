@@ -3,10 +3,9 @@
 gunicorn builds every access line from a dictionary of every request header, response
 header and environ variable (some sixty entries for a check), then copies it once more to
 escape quotes, whatever the format asks for. The default format asks for nine of them.
-Measured in a sync worker answering checks from the over-limit cache, that dictionary and
-its copy were about a tenth of the worker's CPU per request (docs/operations.md, "Access
-log"). This logger writes the same line from those nine fields only; any other
-``access_log_format`` goes through gunicorn's own code.
+This logger writes the same line from those nine fields only: 11 µs a line against 30 µs
+(docs/operations.md, "Access log"), on every request. Any other ``access_log_format`` goes
+through gunicorn's own code.
 """
 
 from __future__ import annotations
