@@ -22,9 +22,9 @@ At moments drawn from a seeded RNG (the seed is printed; ``--seed`` repeats a ru
 schedule) it restarts Redis (SIGTERM to its pid, started again on the same port), SIGKILLs
 the Celery worker's process group and starts it again, publishes ``--publishes`` new policy
 versions through ``loadpolicy`` (each toggles four limits), and lets one hot tenant send 50
-times its tenant limit for a phase, in 5-second slices with as many silent slices between
-them: the other tenants' checks in the silent slices are the control for those in the loud
-ones, in the same minutes. The hot tenant's two client processes run at nice 19
+times its tenant limit for a phase, in one 5-second slice of each pair, which one drawn from
+the seed: the other tenants' checks in the silent slices are the control for those in the
+loud ones, in the same minutes. The hot tenant's two client processes run at nice 19
 (``--hot-nice``): on a real deployment that tenant's clients run on machines of their own,
 and here, on the same cores, their own work (HTTP, JSON, the log) would count against the
 platform; the platform's work for their checks runs at the usual priority. The platform runs
@@ -86,9 +86,10 @@ USERS_PER_TENANT = 20
 HOT_TENANT = "soak-00"
 HOT_LIMIT = 10  # the hot tenant's own tenant requests limit per WINDOW
 HOT_FACTOR = 50
-# The hot tenant sends in slices of this many seconds, every other slice: the others' checks
-# in its silent slices are the control, measured in the same minutes as those in its loud
-# ones (background load on a shared machine drifts over minutes; see the report).
+# The hot tenant sends in slices of this many seconds, one slice of every two (hot_slice_loud):
+# the others' checks in its silent slices are the control, measured in the same minutes as
+# those in its loud ones (background load on a shared machine drifts over minutes; see the
+# report).
 HOT_SLICE = 5.0
 MODELS = {  # id: (class, share of the traffic, input price, output price)
     "gpt-4o": ("frontier", 0.45, "0.0025", "0.0100"),
@@ -441,6 +442,17 @@ class ClientPlan:
     log_path: str
     is_hot: bool = False
     nice: int = 0  # added to the process's niceness before it sends anything
+    run_seed: int = 0  # the run's seed: which slices are loud (hot_slice_loud)
+
+
+def hot_slice_loud(seed: int, index: int) -> bool:
+    """Whether the hot tenant sends in slice ``index`` of its phase: one slice of each pair,
+    which one drawn from the run's seed. Plain alternation would put every periodic task
+    whose period is a multiple of two slices (beat's 10-s policy reconcile, the 1-minute
+    user rollups and budget alerts, the 5-minute rollup check) in slices of the same kind
+    each time, and their bursts on one side of the comparison."""
+    first_loud = random.Random(f"hot-slices:{seed}:{index // 2}").random() < 0.5
+    return (index % 2 == 0) == first_loud
 
 
 LOG_FIELDS = (
@@ -619,10 +631,12 @@ def run_client(plan: ClientPlan, phase: Any) -> None:
             user = "user-0" if rng.random() < 0.4 else f"user-{rng.randrange(USERS_PER_TENANT)}"
             model = rng.choices(models, shares)[0]
             draw = rng.random()
-            if plan.is_hot and int((now - plan.start) // HOT_SLICE) % 2 == 1:
-                # A silent slice: wait for the next loud one, without making up for it.
-                next_at = plan.start + (int((now - plan.start) // HOT_SLICE) + 1) * HOT_SLICE
-                continue
+            if plan.is_hot:
+                index = int((now - plan.start) // HOT_SLICE)
+                if not hot_slice_loud(plan.run_seed, index):
+                    # A silent slice: wait for the next one, without making up for it.
+                    next_at = plan.start + (index + 1) * HOT_SLICE
+                    continue
             if plan.is_hot:
                 user = f"user-{rng.randrange(USERS_PER_TENANT)}"
                 check(tenant, user, model)
@@ -778,6 +792,7 @@ class Soak:
                 log_path=str(self.directory / f"client-{number:02d}.csv"),
                 is_hot=hot,
                 nice=self.arguments.hot_nice if hot else 0,
+                run_seed=self.arguments.seed,
             )
             process = context.Process(target=run_client, args=(plan, self.phase), daemon=True)
             process.start()
@@ -1333,7 +1348,8 @@ def report(
     # in its silent slices between them (the same minutes, so the same background load),
     # and, as before, against the whole steady phase (other minutes: drift included).
     def is_loud(answer: Answer) -> bool:
-        return int((answer.sent - record.hot_origin) // HOT_SLICE) % 2 == 0
+        index = int((answer.sent - record.hot_origin) // HOT_SLICE)
+        return hot_slice_loud(soak.arguments.seed, index)
 
     others_steady = [a.latency for a in checks if a.phase == STEADY and a.tenant != HOT_TENANT]
     others_hot = [a for a in checks if a.phase == HOT and a.tenant != HOT_TENANT]
@@ -1344,7 +1360,7 @@ def report(
     ratio_steady = percentile(others_loud, 0.99) / percentile(others_steady, 0.99)
     print(
         f"  {HOT_TENANT} sent {HOT_FACTOR}x its {HOT_LIMIT}/{WINDOW} s in {HOT_SLICE:g}-s slices, "
-        f"silent in every other: {len(hot_checks):,} checks, "
+        f"silent in the other of each pair: {len(hot_checks):,} checks, "
         f"{sum(1 for a in hot_checks if a.allowed == 1):,} allowed"
     )
     print(
