@@ -306,7 +306,7 @@ local count = ARGV[10] + 0
 -- fields costs a hash part and a store each):
 -- {kind, key, used, oldest, needed, window, fresh, sum key, ARGV base, a, b, c, d}, where
 -- a… are a budget's field, period end and stale field, or an "x" limit's where it stands
--- and its line.
+-- and its line; a is true for a token log whose sum holds this check's tokens already.
 local limits = {}
 local key_index = 5
 local allowed = true
@@ -384,6 +384,11 @@ for i = 1, count do
         call("DEL", sum_key)
         used = 0
       end
+    elseif check and tokens > 0 then
+      -- Added before the decision, as INCRBY answers the sum (no GET); taken back below
+      -- when the check is denied. Nothing runs in between.
+      used = call("INCRBY", sum_key, ARGV[8]) - tokens
+      a = true
     else
       used = (call("GET", sum_key) or 0) + 0
     end
@@ -485,7 +490,9 @@ for i = 1, count do
           call("LPUSH", key, token_entry)
           if fresh then call("PEXPIRE", key, ttl) end
           -- A sum that did not exist (or was spent) has no expiry yet.
-          if tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
+          if item[10] then
+            if used == 0 or fresh then call("PEXPIRE", sum_key, ttl) end
+          elseif tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
             call("PEXPIRE", sum_key, ttl)
           end
         end
@@ -494,7 +501,14 @@ for i = 1, count do
           .. "\t" .. ARGV[item[9] + 3]
       end
     end
-    if check and not allowed and first and kind == "r" then call("LPOP", key) end
+    if check and not allowed and first then
+      if kind == "r" then
+        call("LPOP", key)
+      elseif item[10] then
+        -- A sum that held nothing is gone again, as it was (no expiry to keep).
+        if used == 0 then call("DEL", item[8]) else call("DECRBY", item[8], ARGV[8]) end
+      end
+    end
     if grow then used = used + item[5] end
     if oldest then
       reset = oldest + item[6] - now

@@ -347,6 +347,26 @@ def test_a_check_denied_by_any_one_limit_consumes_nothing_anywhere(policy, store
     assert (again.allowed, again.denied_by, again.limits) == (False, denied.denied_by, quota_before)
 
 
+def test_a_denied_first_check_leaves_no_token_sum_behind(policy, store):
+    """A token window's sum takes a check's tokens before the decision; a check denied by
+    another limit gives them back, and a sum that held nothing before is gone again (no key
+    without an expiry left behind)."""
+    policy.rule("tenant", "requests", 1)
+    policy.rule("user", "tokens", 1000)
+    policy.publish()
+    assert check(policy.alice, "u1", tokens=100).allowed
+    counted_before = store.counted()
+
+    denied = check(policy.alice, "u2", tokens=100)
+
+    assert not denied.allowed
+    assert (denied.denied_by.scope, denied.denied_by.metric) == ("tenant", "requests")
+    assert state(denied, "user", "tokens").remaining == 1000
+    assert store.counted() == counted_before  # u2's sum among them, had it stayed
+    assert remaining(policy.alice, "user", "tokens", user="u2") == 1000
+    assert remaining(policy.alice, "user", "tokens", user="u1") == 900
+
+
 @pytest.mark.parametrize("denier", DENIERS, ids="-".join)
 def test_a_denied_check_leaves_room_for_a_check_that_fits(policy, denier):
     """The denied check took nothing: a check that fits only in what the first one left is
