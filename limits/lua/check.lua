@@ -16,7 +16,9 @@ ARGV[1]  time override in microseconds, or "" to use Redis TIME (tests only)
 ARGV[2]  member: the request id qualified by its tenant ("<tenant>:<request id>"), what the
          logs and lease sets hold; unique across tenants, whose request ids may repeat each
          other's in the global capacity they share
-ARGV[3]  mode: "check", "dry" (decide, consume nothing, remember nothing) or "peek" (quota)
+ARGV[3]  mode: "check", "new" (a check whose request id the engine has just made, so that
+         no record of it can exist: none is read), "dry" (decide, consume nothing, remember
+         nothing) or "peek" (quota)
 ARGV[4]  record TTL in milliseconds
 ARGV[5]  usage event payload (JSON, written as is on an allowed check)
 ARGV[6]  denied counter label
@@ -85,6 +87,8 @@ if mode == "check" then
     -- more (the cluster path gives back what a repeat's take added).
     return {2, decision, settled ~= "" and 1 or 0}
   end
+elseif mode == "new" then
+  mode = "check"
 end
 
 -- Numerals (ARGV, replies) are read with "+ 0": tonumber() parses a numeral twice (is it

@@ -448,6 +448,25 @@ def test_a_repeated_request_id_returns_the_first_decision_and_consumes_nothing(
     assert remaining(policy.alice, "user", "tokens") == 900
 
 
+def test_a_request_id_the_engine_made_is_recorded_and_answers_its_repeats(policy, store, clock):
+    """A check without a request id gets one of 128 random bits, and no record is read for
+    it (none can exist); its decision is recorded all the same, so a caller that repeats it
+    is answered from there."""
+    policy.rule("user_model", "requests", 5)
+    policy.rule("user", "tokens", 1000)
+    policy.publish()
+    first = check(policy.alice, tokens=100)
+    counted = store.counted()
+    clock.advance(5)
+
+    again = check(policy.alice, tokens=300, request_id=first.request_id)
+
+    assert len(first.request_id) == 32 and first.allowed and not first.repeated
+    assert again == replace(first, repeated=True)
+    assert store.counted() == counted
+    assert remaining(policy.alice, "user", "tokens") == 900
+
+
 def test_a_record_kept_as_a_hash_before_the_upgrade_is_answered_and_settled(
     policy, store, backend, clock
 ):
