@@ -311,7 +311,9 @@ local count = ARGV[10] + 0
 -- {kind, key, used, oldest, needed, window, fresh, sum key, ARGV base, a, b, c, d}, where
 -- a… are a budget's field, period end and stale field, or an "x" limit's where it stands
 -- and its line; a is true for a token log whose sum holds this check's tokens already.
-local limits = {}
+-- Made with room for the usual number of limits (nils in a constructor size its array):
+-- a table grown one element at a time is rehashed at every power of two.
+local limits = {nil, nil, nil, nil, nil, nil}
 local key_index = 5
 local allowed = true
 local denied_index, retry = 0, -1
@@ -470,7 +472,8 @@ local consume = allowed and check
 -- A dry run that would pass answers as if it had counted.
 local grow = consume or (mode == "dry" and allowed)
 local consumed, lines = {}, 0
-local result = {allowed and 1 or 0, now_text, denied_index, retry}
+local result = {allowed and 1 or 0, now_text, denied_index, retry,
+  nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}  -- room as for limits
 local n = 4
 
 for i = 1, count do
