@@ -53,16 +53,22 @@ set walks it comparing scores), and its entries carry their time as text. Entrie
 in time order, so the oldest is the last: one LINDEX tells whether anything has left the
 window and gives its reset; nothing is removed or re-read when nothing has left. A request
 log takes its entry before the decision, as LPUSH answers the count, and gives it back
-(LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log keeps an
-entry for every check (no tokens too), so commit.lua finds it where it is and rewrites it in
-place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
+(LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log's running
+sum likewise takes the check's tokens before the decision (INCRBY answers the sum: no GET)
+and gives them back when the check is denied. A token log keeps an entry for every check (no
+tokens too), so commit.lua finds it where it is and rewrites it in place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
 follows from the window, so a limit is 4 arguments. A log found empty asks once (EXISTS)
 for a window of the layout before to carry over (carry_over); one holding entries never does.
-The record is one string, written with its expiry in one SET. Inside Lua (Redis's
-interpreter costs tens of instructions a bytecode): numerals are parsed once ("+ 0"), the
-stored answer is written by one string.format, a limit's state is one array made in one go,
-and what a check adds to a log is made once. Measured with callgrind on a Redis of its own,
-instructions per 5-rule check: bench/README.md.
+The record is one string, written with its expiry in one SET; a check whose request id the
+engine has just made (mode "new") reads none. Inside Lua (Redis's interpreter costs tens of
+instructions a bytecode, and every string, table or closure a run makes is an allocation the
+collector frees again, every number written a sprintf and every numeral read a strtod):
+numerals are parsed once ("+ 0"), and only those the check needs; the stored answer is
+written by one string.format, from a constant format when the check is allowed; a limit's
+state is one array made in one go, and the arrays of limits and of the answer are made with
+room for the usual number of limits; what a check adds to a log is made once; the functions
+of the less usual paths are made only when one is taken. Measured with callgrind on a Redis
+of its own, instructions per check: bench/README.md.
 
 Time order: Redis TIME and the test clock only move forward in practice; should the clock
 step back, an entry pushed then sits before older ones, and the log counts it until the
@@ -111,7 +117,7 @@ local now = now_text + 0
 
 local floor = math.floor
 local DAY = 86400000000
-local tokens, cost = ARGV[8] + 0, ARGV[9] + 0
+local tokens = ARGV[8] + 0
 local peek = mode == "peek"
 
 -- The helpers of the less usual paths (a trim, a fresh log, a token denial, a budget, a
@@ -421,7 +427,7 @@ for i = 1, count do
     elseif kind == "k" then
       needed = tokens
     else
-      needed = cost
+      needed = ARGV[9] + 0  -- the estimated cost: read for a money budget only
     end
   end
 
