@@ -18,7 +18,7 @@ import random
 import re
 import threading
 import weakref
-from dataclasses import replace
+from dataclasses import fields, replace
 from decimal import Decimal
 from typing import Any
 
@@ -446,6 +446,17 @@ def test_a_repeated_request_id_returns_the_first_decision_and_consumes_nothing(
     assert store.counted() == counted
     assert remaining(policy.alice, "user_model", "requests") == 4
     assert remaining(policy.alice, "user", "tokens") == 900
+
+
+def test_a_decision_holds_every_field_of_its_class(policy):
+    """The engine makes its decisions without Decision's __init__ (one call a field): each
+    still holds every field, and equals the one __init__ makes."""
+    policy.rule("user_model", "requests", 5)
+    policy.publish()
+    decision = check(policy.alice)
+    assert vars(decision).keys() == {field.name for field in fields(Decision)}
+    assert decision == Decision(**vars(decision))
+    assert replace(decision, repeated=True).repeated
 
 
 def test_a_request_id_the_engine_made_is_recorded_and_answers_its_repeats(policy, store, clock):
