@@ -56,8 +56,9 @@ log takes its entry before the decision, as LPUSH answers the count, and gives i
 (LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log's running
 sum likewise takes the check's tokens before the decision (INCRBY answers the sum: no GET)
 and gives them back when the check is denied. A token log keeps an entry for every check (no
-tokens too), so commit.lua finds it where it is and rewrites it in place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
-follows from the window, so a limit is 4 arguments. A log found empty asks once (EXISTS)
+tokens too), so commit.lua finds it where it is and rewrites it in place. A key's expiry is
+set only when its oldest entry changes (see "Expiry" below), and follows from the window, so
+a limit is 4 arguments. A log found empty asks once (EXISTS)
 for a window of the layout before to carry over (carry_over); one holding entries never does.
 The record is one string, written with its expiry in one SET; a check whose request id the
 engine has just made (mode "new") reads none. Inside Lua (Redis's interpreter costs tens of
@@ -491,22 +492,22 @@ for i = 1, count do
     if consume then
       local fresh = item[7]
       if fresh then oldest = now end
-      -- Twice the window, in ms: see "Expiry".
-      local ttl = floor(item[6] / 500)
+      -- Twice the window, in ms (see "Expiry"); worked out only when an expiry is set, as
+      -- math.floor is a call of a C function.
       if kind == "r" then
-        if first and fresh then call("PEXPIRE", key, ttl) end
+        if first and fresh then call("PEXPIRE", key, floor(item[6] / 500)) end
       else
         local sum_key = item[8]
         if first then
           -- Every check has its entry, with no tokens too: commit finds it in its place.
           token_entry = token_entry or now_text .. ":" .. ARGV[8] .. ":" .. member
           call("LPUSH", key, token_entry)
-          if fresh then call("PEXPIRE", key, ttl) end
+          if fresh then call("PEXPIRE", key, floor(item[6] / 500)) end
           -- A sum that did not exist (or was spent) has no expiry yet.
           if item[10] then
-            if used == 0 or fresh then call("PEXPIRE", sum_key, ttl) end
+            if used == 0 or fresh then call("PEXPIRE", sum_key, floor(item[6] / 500)) end
           elseif tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
-            call("PEXPIRE", sum_key, ttl)
+            call("PEXPIRE", sum_key, floor(item[6] / 500))
           end
         end
         lines = lines + 1
