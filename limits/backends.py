@@ -110,6 +110,9 @@ class CheckCall(NamedTuple):
     limits: tuple[LimitSpec, ...]
     limit_args: tuple[str, ...]  # ``limit_args(limits)``, made once per plan
     packed_limits: PackedArgs  # ``PackedArgs.of(limit_args)``, once per plan
+    # The request id was made by the engine for this check (128 random bits): no decision
+    # can be recorded for it yet, so check.lua reads none (its mode "new").
+    new_id: bool = False
 
     @property
     def record_key(self) -> str:
@@ -430,7 +433,7 @@ class RedisBackend:
             args = [
                 _clock_arg(),
                 call.member,
-                call.mode,
+                "new" if call.new_id else call.mode,
                 call.record_ttl_ms,
                 call.event,
                 call.denied_label,
@@ -589,7 +592,7 @@ def _check_args(
     return [
         _clock_arg() if clock is None else clock,
         call.member,
-        call.mode,
+        "new" if call.new_id else call.mode,
         call.record_ttl_ms,
         call.event,
         call.denied_label,

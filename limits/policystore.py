@@ -36,6 +36,23 @@ logger = logging.getLogger(__name__)
 
 PUBLISH_LUA = (Path(__file__).resolve().parent / "lua" / "publish.lua").read_text()
 
+# This process's id, kept across a fork: every check asks whether its process has forked
+# since its policy and its Redis connection were made, and os.getpid() is a system call.
+_process_id = os.getpid()
+
+
+def _forked() -> None:
+    global _process_id
+    _process_id = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def process_id() -> int:
+    """``os.getpid()``, without a system call."""
+    return _process_id
+
 
 class Policy:
     """One published version, and the plans compiled from it on demand."""
@@ -72,7 +89,7 @@ class PolicyStore:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._pid = process_id()
         # Bumped by every swap: a poll that read Redis before a local publish must not put
         # the older document back over the newer one.
         self._generation = 0
@@ -93,7 +110,7 @@ class PolicyStore:
     # -- reading -------------------------------------------------------------------
     def current(self) -> Policy:
         policy = self._policy
-        if policy is None or self._pid != os.getpid():
+        if policy is None or self._pid != process_id():
             policy = self._first_load()
         return policy
 
@@ -107,8 +124,8 @@ class PolicyStore:
 
     def _first_load(self) -> Policy:
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's thread did not come along
-                self._pid = os.getpid()
+            if self._pid != process_id():  # forked: the parent's thread did not come along
+                self._pid = process_id()
                 self._poller = None
             if self._policy is None:
                 policy = None
@@ -196,7 +213,7 @@ class PolicyStore:
         if self.redis is not None:
             self._write_redis(version, document, force=force)
         self._swap(Policy(version, document), force=force)
-        if self._pid == os.getpid():
+        if self._pid == process_id():
             # A process that published before its first check (an admin save) holds a policy
             # without having loaded one: it must follow the next publish of any other too.
             with self._lock:

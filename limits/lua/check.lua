@@ -16,7 +16,9 @@ ARGV[1]  time override in microseconds, or "" to use Redis TIME (tests only)
 ARGV[2]  member: the request id qualified by its tenant ("<tenant>:<request id>"), what the
          logs and lease sets hold; unique across tenants, whose request ids may repeat each
          other's in the global capacity they share
-ARGV[3]  mode: "check", "dry" (decide, consume nothing, remember nothing) or "peek" (quota)
+ARGV[3]  mode: "check", "new" (a check whose request id the engine has just made, so that
+         no record of it can exist: none is read), "dry" (decide, consume nothing, remember
+         nothing) or "peek" (quota)
 ARGV[4]  record TTL in milliseconds
 ARGV[5]  usage event payload (JSON, written as is on an allowed check)
 ARGV[6]  denied counter label
@@ -51,16 +53,23 @@ set walks it comparing scores), and its entries carry their time as text. Entrie
 in time order, so the oldest is the last: one LINDEX tells whether anything has left the
 window and gives its reset; nothing is removed or re-read when nothing has left. A request
 log takes its entry before the decision, as LPUSH answers the count, and gives it back
-(LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log keeps an
-entry for every check (no tokens too), so commit.lua finds it where it is and rewrites it in
-place. A key's expiry is set only when its oldest entry changes (see "Expiry" below), and
-follows from the window, so a limit is 4 arguments. A log found empty asks once (EXISTS)
+(LPOP) when the check is denied; Redis runs nothing else meanwhile. A token log's running
+sum likewise takes the check's tokens before the decision (INCRBY answers the sum: no GET)
+and gives them back when the check is denied. A token log keeps an entry for every check (no
+tokens too), so commit.lua finds it where it is and rewrites it in place. A key's expiry is
+set only when its oldest entry changes (see "Expiry" below), and follows from the window, so
+a limit is 4 arguments. A log found empty asks once (EXISTS)
 for a window of the layout before to carry over (carry_over); one holding entries never does.
-The record is one string, written with its expiry in one SET. Inside Lua (Redis's
-interpreter costs tens of instructions a bytecode): numerals are parsed once ("+ 0"), the
-stored answer is written by one string.format, a limit's state is one array made in one go,
-and what a check adds to a log is made once. Measured with callgrind on a Redis of its own,
-instructions per 5-rule check: bench/README.md.
+The record is one string, written with its expiry in one SET; a check whose request id the
+engine has just made (mode "new") reads none. Inside Lua (Redis's interpreter costs tens of
+instructions a bytecode, and every string, table or closure a run makes is an allocation the
+collector frees again, every number written a sprintf and every numeral read a strtod):
+numerals are parsed once ("+ 0"), and only those the check needs; the stored answer is
+written by one string.format, from a constant format when the check is allowed; a limit's
+state is one array made in one go, and the arrays of limits and of the answer are made with
+room for the usual number of limits; what a check adds to a log is made once; the functions
+of the less usual paths are made only when one is taken. Measured with callgrind on a Redis
+of its own, instructions per check: bench/README.md.
 
 Time order: Redis TIME and the test clock only move forward in practice; should the clock
 step back, an entry pushed then sits before older ones, and the log counts it until the
@@ -85,6 +94,8 @@ if mode == "check" then
     -- more (the cluster path gives back what a repeat's take added).
     return {2, decision, settled ~= "" and 1 or 0}
   end
+elseif mode == "new" then
+  mode = "check"
 end
 
 -- Numerals (ARGV, replies) are read with "+ 0": tonumber() parses a numeral twice (is it
@@ -94,182 +105,201 @@ if ARGV[1] ~= "" then
   now_text = ARGV[1]
 else
   local t = call("TIME")
-  -- Seconds and zero-padded microseconds joined as text: no number formatting needed.
-  now_text = t[1] .. string.sub("00000" .. t[2], -6)
+  -- Seconds and zero-padded microseconds joined as text: no number formatting needed, and
+  -- nine times in ten no padding either.
+  local seconds, micros = t[1], t[2]
+  if #micros == 6 then
+    now_text = seconds .. micros
+  else
+    now_text = seconds .. string.sub("00000" .. micros, -6)
+  end
 end
 local now = now_text + 0
 
 local floor = math.floor
 local DAY = 86400000000
-local tokens, cost = ARGV[8] + 0, ARGV[9] + 0
+local tokens = ARGV[8] + 0
 local peek = mode == "peek"
 
-local function civil_from_days(days)
-  local z = days + 719468
-  local era = floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
-  local mp = floor((5 * doy + 2) / 153)
-  local month = mp < 10 and mp + 3 or mp - 9
-  local year = yoe + era * 400
-  if month <= 2 then year = year + 1 end
-  return year, month
-end
-
-local function days_from_civil(year, month)
-  if month <= 2 then year = year - 1 end
-  local era = floor(year / 400)
-  local yoe = year - era * 400
-  local mp = month > 2 and month - 3 or month + 9
-  local doy = floor((153 * mp + 2) / 5)
-  return era * 146097 + yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy - 719468
-end
-
--- The current budget period: its field name, its end, and the field two periods back.
-local function period_of(code)
-  local days = floor(now / DAY)
-  if code == "d" then
-    return "d:" .. days, (days + 1) * DAY, "d:" .. (days - 2)
+-- The helpers of the less usual paths (a trim, a fresh log, a token denial, a budget, a
+-- lease) are made on the first call that needs them: every function a script defines is a
+-- closure made anew on each run, which the usual check would pay for without using it.
+local rare
+local function helpers()
+  if rare then return rare end
+  local function civil_from_days(days)
+    local z = days + 719468
+    local era = floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+    local mp = floor((5 * doy + 2) / 153)
+    local month = mp < 10 and mp + 3 or mp - 9
+    local year = yoe + era * 400
+    if month <= 2 then year = year + 1 end
+    return year, month
   end
-  local year, month = civil_from_days(days)
-  local index = year * 12 + month - 1
-  local next_year, next_month = floor((index + 1) / 12), (index + 1) % 12 + 1
-  return "m:" .. index, days_from_civil(next_year, next_month) * DAY, "m:" .. (index - 2)
-end
 
--- A log entry: "<time>:<member>" (requests) or "<time>:<tokens>:<member>" (tokens).
-local function weight_of(entry)
-  return match(entry, "^%d+:(%d+):") + 0
-end
+  local function days_from_civil(year, month)
+    if month <= 2 then year = year - 1 end
+    local era = floor(year / 400)
+    local yoe = year - era * 400
+    local mp = month > 2 and month - 3 or month + 9
+    local doy = floor((153 * mp + 2) / 5)
+    return era * 146097 + yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy - 719468
+  end
 
---[[
-Removes the entries of a log (a list, newest first) at or before cutoff, given its last
-(oldest) entry, which is one of them. Returns the time of the oldest entry left (nil when
-none) and the weight that left (token logs: the sum of their "<tokens>:" fields).
-
-The caller has read the last entry: that one read covers the usual cases, nothing has left
-or only it has (a steady flow moves a window by about one entry a check). When more have
-left, the log's oldest end is read in chunks growing eightfold until an entry still in the
-window shows, so the work follows what left, not the log's length.
-]]
-local function trim_log(key, cutoff, weighted, last)
-  local gone = 0
-  for _ = 1, 2 do
-    call("RPOP", key)
-    if weighted then gone = gone + weight_of(last) end
-    last = call("LINDEX", key, "-1")
-    if not last then
-      return nil, gone
+  -- The current budget period: its field name, its end, and the field two periods back.
+  local function period_of(code)
+    local days = floor(now / DAY)
+    if code == "d" then
+      return "d:" .. days, (days + 1) * DAY, "d:" .. (days - 2)
     end
-    local oldest = match(last, "^%d+") + 0
-    if oldest > cutoff then
-      return oldest, gone
-    end
+    local year, month = civil_from_days(days)
+    local index = year * 12 + month - 1
+    local next_year, next_month = floor((index + 1) / 12), (index + 1) % 12 + 1
+    return "m:" .. index, days_from_civil(next_year, next_month) * DAY, "m:" .. (index - 2)
   end
-  local size = 16
-  while true do
-    local tail = call("LRANGE", key, -size, -1)
-    local count = #tail
-    local keep, left = count, 0
-    while keep > 0 and match(tail[keep], "^%d+") + 0 <= cutoff do
-      if weighted then left = left + weight_of(tail[keep]) end
-      keep = keep - 1
-    end
-    if keep > 0 then
-      call("LTRIM", key, 0, keep - count - 1)
-      return match(tail[keep], "^%d+") + 0, gone + left
-    elseif count < size then
-      call("DEL", key)
-      return nil, gone + left
-    end
-    size = size * 8
-  end
-end
 
---[[
-Upgrade from the sorted-set layout (docs/engine.md, "Upgrading from sorted-set windows").
-Windows used to be sorted sets under the same name with ":w:" where a log has ":l:" (right
-after the hash tag, so both share a cluster slot): members "<member>" or "<tokens>:<member>"
-scored by their time, and a token window's running sum beside it. Only a log found empty asks
-for its old window (one EXISTS): a log holding entries never does, and the old window is
-deleted once carried, so the EXISTS finds nothing afterwards. Its entries still in the window
-move into the log oldest last, its sum is what those entries weigh (what a trim would have
-left), and both get twice the window to live from now (see "Expiry": at least their oldest
-entry's time + 2 x window). Returns the log's last (oldest) entry, or nil when nothing was
-carried.
-]]
-local function carry_over(key, sum_key, cutoff, window)
-  local head, tail = match(key, "^(.-{[^}]*}):l:(.*)$")
-  if not head then return nil end
-  local old = head .. ":w:" .. tail
-  if call("EXISTS", old) == 0 then return nil end
-  local found = call("ZRANGEBYSCORE", old, string.format("(%d", cutoff), "+inf", "WITHSCORES")
-  if sum_key then call("DEL", old, old .. ":sum") else call("DEL", old) end
-  local count = #found
-  if count == 0 then return nil end
-  local entries, total = {}, 0
-  for j = 1, count, 2 do
-    -- "%d": the score comes back as a double's text, maybe with an exponent.
-    local at = string.format("%d", found[j + 1] + 0)
-    entries[#entries + 1] = at .. ":" .. found[j]
-    if sum_key then total = total + match(found[j], "^(%d+):") end
+  -- A log entry: "<time>:<member>" (requests) or "<time>:<tokens>:<member>" (tokens).
+  local function weight_of(entry)
+    return match(entry, "^%d+:(%d+):") + 0
   end
-  -- In ascending time: each push goes in front, so the oldest ends up last. In chunks, as
-  -- unpack is bounded by Lua's stack and a window may hold as many entries as its limit.
-  local size = #entries
-  for from = 1, size, 1000 do
-    call("LPUSH", key, unpack(entries, from, math.min(from + 999, size)))
-  end
-  local ttl = floor(window / 500)
-  call("PEXPIRE", key, ttl)
-  if sum_key then
-    if total > 0 then
-      call("SET", sum_key, string.format("%d", total), "PX", ttl)
-    else
-      call("DEL", sum_key)
-    end
-  end
-  return entries[1]
-end
 
--- How long until a token log, holding used, has let enough leave for room more within
--- limit: its oldest entries are read in chunks growing eightfold until they do. Nil when
--- they never do (the log alone does not hold enough).
-local function token_wait(key, used, room, limit, window)
-  local size, seen = 16, 0
-  while true do
-    local tail = call("LRANGE", key, -size, -seen - 1)
-    for j = #tail, 1, -1 do
-      used = used - weight_of(tail[j])
-      if used + room <= limit then
-        return match(tail[j], "^%d+") + window - now
+  --[[
+  Removes the entries of a log (a list, newest first) at or before cutoff, given its last
+  (oldest) entry, which is one of them. Returns the time of the oldest entry left (nil when
+  none) and the weight that left (token logs: the sum of their "<tokens>:" fields).
+
+  The caller has read the last entry: that one read covers the usual cases, nothing has left
+  or only it has (a steady flow moves a window by about one entry a check). When more have
+  left, the log's oldest end is read in chunks growing eightfold until an entry still in the
+  window shows, so the work follows what left, not the log's length.
+  ]]
+  local function trim_log(key, cutoff, weighted, last)
+    local gone = 0
+    for _ = 1, 2 do
+      call("RPOP", key)
+      if weighted then gone = gone + weight_of(last) end
+      last = call("LINDEX", key, "-1")
+      if not last then
+        return nil, gone
+      end
+      local oldest = match(last, "^%d+") + 0
+      if oldest > cutoff then
+        return oldest, gone
       end
     end
-    if #tail < size - seen then
-      return nil
+    local size = 16
+    while true do
+      local tail = call("LRANGE", key, -size, -1)
+      local count = #tail
+      local keep, left = count, 0
+      while keep > 0 and match(tail[keep], "^%d+") + 0 <= cutoff do
+        if weighted then left = left + weight_of(tail[keep]) end
+        keep = keep - 1
+      end
+      if keep > 0 then
+        call("LTRIM", key, 0, keep - count - 1)
+        return match(tail[keep], "^%d+") + 0, gone + left
+      elseif count < size then
+        call("DEL", key)
+        return nil, gone + left
+      end
+      size = size * 8
     end
-    seen = size
-    size = size * 8
   end
-end
 
--- Concurrency leases (a sorted set by expiry): removes those expired at cutoff; the earliest
--- expiry left, or nil. Read as the two earliest, as a log's trim above.
-local function trim_leases(key, cutoff)
-  local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
-  local first = head[2] and head[2] + 0
-  if first == nil or first > cutoff then
-    return first
+  --[[
+  Upgrade from the sorted-set layout (docs/engine.md, "Upgrading from sorted-set windows").
+  Windows used to be sorted sets under the same name with ":w:" where a log has ":l:" (right
+  after the hash tag, so both share a cluster slot): members "<member>" or "<tokens>:<member>"
+  scored by their time, and a token window's running sum beside it. Only a log found empty asks
+  for its old window (one EXISTS): a log holding entries never does, and the old window is
+  deleted once carried, so the EXISTS finds nothing afterwards. Its entries still in the window
+  move into the log oldest last, its sum is what those entries weigh (what a trim would have
+  left), and both get twice the window to live from now (see "Expiry": at least their oldest
+  entry's time + 2 x window). Returns the log's last (oldest) entry, or nil when nothing was
+  carried.
+  ]]
+  local function carry_over(key, sum_key, cutoff, window)
+    local head, tail = match(key, "^(.-{[^}]*}):l:(.*)$")
+    if not head then return nil end
+    local old = head .. ":w:" .. tail
+    if call("EXISTS", old) == 0 then return nil end
+    local found = call("ZRANGEBYSCORE", old, string.format("(%d", cutoff), "+inf", "WITHSCORES")
+    if sum_key then call("DEL", old, old .. ":sum") else call("DEL", old) end
+    local count = #found
+    if count == 0 then return nil end
+    local entries, total = {}, 0
+    for j = 1, count, 2 do
+      -- "%d": the score comes back as a double's text, maybe with an exponent.
+      local at = string.format("%d", found[j + 1] + 0)
+      entries[#entries + 1] = at .. ":" .. found[j]
+      if sum_key then total = total + match(found[j], "^(%d+):") end
+    end
+    -- In ascending time: each push goes in front, so the oldest ends up last. In chunks, as
+    -- unpack is bounded by Lua's stack and a window may hold as many entries as its limit.
+    local size = #entries
+    for from = 1, size, 1000 do
+      call("LPUSH", key, unpack(entries, from, math.min(from + 999, size)))
+    end
+    local ttl = floor(window / 500)
+    call("PEXPIRE", key, ttl)
+    if sum_key then
+      if total > 0 then
+        call("SET", sum_key, string.format("%d", total), "PX", ttl)
+      else
+        call("DEL", sum_key)
+      end
+    end
+    return entries[1]
   end
-  local second = head[4] and head[4] + 0
-  if second == nil or second > cutoff then
-    call("ZREM", key, head[1])
-    return second
+
+  -- How long until a token log, holding used, has let enough leave for room more within
+  -- limit: its oldest entries are read in chunks growing eightfold until they do. Nil when
+  -- they never do (the log alone does not hold enough).
+  local function token_wait(key, used, room, limit, window)
+    local size, seen = 16, 0
+    while true do
+      local tail = call("LRANGE", key, -size, -seen - 1)
+      for j = #tail, 1, -1 do
+        used = used - weight_of(tail[j])
+        if used + room <= limit then
+          return match(tail[j], "^%d+") + window - now
+        end
+      end
+      if #tail < size - seen then
+        return nil
+      end
+      seen = size
+      size = size * 8
+    end
   end
-  call("ZREMRANGEBYSCORE", key, "-inf", cutoff)
-  local rest = call("ZRANGE", key, "0", "0", "WITHSCORES")[2]
-  return rest and rest + 0
+
+  -- Concurrency leases (a sorted set by expiry): removes those expired at cutoff; the earliest
+  -- expiry left, or nil. Read as the two earliest, as a log's trim above.
+  local function trim_leases(key, cutoff)
+    local head = call("ZRANGE", key, "0", "1", "WITHSCORES")
+    local first = head[2] and head[2] + 0
+    if first == nil or first > cutoff then
+      return first
+    end
+    local second = head[4] and head[4] + 0
+    if second == nil or second > cutoff then
+      call("ZREM", key, head[1])
+      return second
+    end
+    call("ZREMRANGEBYSCORE", key, "-inf", cutoff)
+    local rest = call("ZRANGE", key, "0", "0", "WITHSCORES")[2]
+    return rest and rest + 0
+  end
+
+  rare = {
+    period_of = period_of, trim_log = trim_log, carry_over = carry_over,
+    token_wait = token_wait, trim_leases = trim_leases,
+  }
+  return rare
 end
 
 --[[
@@ -287,8 +317,10 @@ local count = ARGV[10] + 0
 -- fields costs a hash part and a store each):
 -- {kind, key, used, oldest, needed, window, fresh, sum key, ARGV base, a, b, c, d}, where
 -- a… are a budget's field, period end and stale field, or an "x" limit's where it stands
--- and its line.
-local limits = {}
+-- and its line; a is true for a token log whose sum holds this check's tokens already.
+-- Made with room for the usual number of limits (nils in a constructor size its array):
+-- a table grown one element at a time is rehashed at every power of two.
+local limits = {nil, nil, nil, nil, nil, nil}
 local key_index = 5
 local allowed = true
 local denied_index, retry = 0, -1
@@ -313,12 +345,13 @@ for i = 1, count do
     if first then
       used, oldest = first[3], first[4]
     else
-      local last = call("LINDEX", key, "-1") or carry_over(key, nil, now - window, window)
+      local last = call("LINDEX", key, "-1")
+        or helpers().carry_over(key, nil, now - window, window)
       if last then
         oldest = match(last, "^%d+") + 0
         local cutoff = now - window
         if oldest <= cutoff then
-          oldest = trim_log(key, cutoff, false, last)
+          oldest = helpers().trim_log(key, cutoff, false, last)
           -- What is left must outlive itself: see "Expiry".
           if oldest then call("PEXPIRE", key, floor(window / 500)) end
         end
@@ -342,14 +375,14 @@ for i = 1, count do
     local gone = 0
     local first = first_of[key]
     local last = not first
-      and (call("LINDEX", key, "-1") or carry_over(key, sum_key, now - window, window))
+      and (call("LINDEX", key, "-1") or helpers().carry_over(key, sum_key, now - window, window))
     if first then
       used, oldest = first[3], first[4]
     elseif last then
       oldest = match(last, "^%d+") + 0
       local cutoff = now - window
       if oldest <= cutoff then
-        oldest, gone = trim_log(key, cutoff, true, last)
+        oldest, gone = helpers().trim_log(key, cutoff, true, last)
         if oldest then
           call("PEXPIRE", key, floor(window / 500))
           call("PEXPIRE", sum_key, floor(window / 500))
@@ -364,12 +397,17 @@ for i = 1, count do
         call("DEL", sum_key)
         used = 0
       end
+    elseif check and tokens > 0 then
+      -- Added before the decision, as INCRBY answers the sum (no GET); taken back below
+      -- when the check is denied. Nothing runs in between.
+      used = call("INCRBY", sum_key, ARGV[8]) - tokens
+      a = true
     else
       used = (call("GET", sum_key) or 0) + 0
     end
     fresh = oldest == nil
   elseif kind == "c" then
-    oldest = trim_leases(KEYS[key_index], now)
+    oldest = helpers().trim_leases(KEYS[key_index], now)
     key = KEYS[key_index]
     key_index = key_index + 1
     if oldest then used = call("ZCARD", key) end
@@ -383,14 +421,14 @@ for i = 1, count do
   else
     key = KEYS[key_index]
     key_index = key_index + 1
-    a, b, c = period_of(span)
+    a, b, c = helpers().period_of(span)
     used = (call("HGET", key, a) or 0) + 0
     if peek then
       needed = 0
     elseif kind == "k" then
       needed = tokens
     else
-      needed = cost
+      needed = ARGV[9] + 0  -- the estimated cost: read for a money budget only
     end
   end
 
@@ -411,7 +449,7 @@ for i = 1, count do
       end
     elseif kind == "t" then
       if room <= limit then
-        wait = token_wait(key, used, room, limit, window) or -2
+        wait = helpers().token_wait(key, used, room, limit, window) or -2
       end
     elseif kind == "c" then
       if oldest then wait = oldest - now end
@@ -441,7 +479,8 @@ local consume = allowed and check
 -- A dry run that would pass answers as if it had counted.
 local grow = consume or (mode == "dry" and allowed)
 local consumed, lines = {}, 0
-local result = {allowed and 1 or 0, now_text, denied_index, retry}
+local result = {allowed and 1 or 0, now_text, denied_index, retry,
+  nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}  -- room as for limits
 local n = 4
 
 for i = 1, count do
@@ -453,20 +492,22 @@ for i = 1, count do
     if consume then
       local fresh = item[7]
       if fresh then oldest = now end
-      -- Twice the window, in ms: see "Expiry".
-      local ttl = floor(item[6] / 500)
+      -- Twice the window, in ms (see "Expiry"); worked out only when an expiry is set, as
+      -- math.floor is a call of a C function.
       if kind == "r" then
-        if first and fresh then call("PEXPIRE", key, ttl) end
+        if first and fresh then call("PEXPIRE", key, floor(item[6] / 500)) end
       else
         local sum_key = item[8]
         if first then
           -- Every check has its entry, with no tokens too: commit finds it in its place.
           token_entry = token_entry or now_text .. ":" .. ARGV[8] .. ":" .. member
           call("LPUSH", key, token_entry)
-          if fresh then call("PEXPIRE", key, ttl) end
+          if fresh then call("PEXPIRE", key, floor(item[6] / 500)) end
           -- A sum that did not exist (or was spent) has no expiry yet.
-          if tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
-            call("PEXPIRE", sum_key, ttl)
+          if item[10] then
+            if used == 0 or fresh then call("PEXPIRE", sum_key, floor(item[6] / 500)) end
+          elseif tokens > 0 and (call("INCRBY", sum_key, ARGV[8]) == tokens or fresh) then
+            call("PEXPIRE", sum_key, floor(item[6] / 500))
           end
         end
         lines = lines + 1
@@ -474,7 +515,14 @@ for i = 1, count do
           .. "\t" .. ARGV[item[9] + 3]
       end
     end
-    if check and not allowed and first and kind == "r" then call("LPOP", key) end
+    if check and not allowed and first then
+      if kind == "r" then
+        call("LPOP", key)
+      elseif item[10] then
+        -- A sum that held nothing is gone again, as it was (no expiry to keep).
+        if used == 0 then call("DEL", item[8]) else call("DECRBY", item[8], ARGV[8]) end
+      end
+    end
     if grow then used = used + item[5] end
     if oldest then
       reset = oldest + item[6] - now
@@ -533,8 +581,31 @@ result[n + 1] = shadow_mask
 if mode == "check" then
   -- The answer as text in one go: "%d" writes every whole number exactly (Lua's own
   -- number formatting rounds past 14 digits, and goes through the slower "%.14g").
-  local stored = string.format("%d;%s;%d;%d" .. string.rep(";%d", 2 * count) .. ";%s",
-    unpack(result))
+  -- Each number written costs a sprintf: an allowed check's status, denied index and retry
+  -- are known ("1;<now>;0;-1"), and its format is a constant for the usual numbers of
+  -- limits (a constant is made when the script is loaded, a format put together per run is
+  -- two more strings).
+  local stored
+  if allowed then
+    local layout
+    if count == 5 then
+      layout = "1;%s;0;-1;%d;%d;%d;%d;%d;%d;%d;%d;%d;%d;%s"
+    elseif count == 1 then
+      layout = "1;%s;0;-1;%d;%d;%s"
+    elseif count == 2 then
+      layout = "1;%s;0;-1;%d;%d;%d;%d;%s"
+    elseif count == 3 then
+      layout = "1;%s;0;-1;%d;%d;%d;%d;%d;%d;%s"
+    elseif count == 4 then
+      layout = "1;%s;0;-1;%d;%d;%d;%d;%d;%d;%d;%d;%s"
+    else
+      layout = "1;%s;0;-1" .. string.rep(";%d", 2 * count) .. ";%s"
+    end
+    stored = string.format(layout, now_text, unpack(result, 5))
+  else
+    stored = string.format("%d;%s;%d;%d" .. string.rep(";%d", 2 * count) .. ";%s",
+      unpack(result))
+  end
   -- The record: decision, settlement (empty until commit.lua), what commit needs, and the
   -- consumed lines, one string with its expiry in one command.
   call("SET", record_key, stored .. "\n\n" .. ARGV[7] .. ARGV[5] .. "\n"

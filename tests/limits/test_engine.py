@@ -18,7 +18,7 @@ import random
 import re
 import threading
 import weakref
-from dataclasses import replace
+from dataclasses import fields, replace
 from decimal import Decimal
 from typing import Any
 
@@ -347,6 +347,26 @@ def test_a_check_denied_by_any_one_limit_consumes_nothing_anywhere(policy, store
     assert (again.allowed, again.denied_by, again.limits) == (False, denied.denied_by, quota_before)
 
 
+def test_a_denied_first_check_leaves_no_token_sum_behind(policy, store):
+    """A token window's sum takes a check's tokens before the decision; a check denied by
+    another limit gives them back, and a sum that held nothing before is gone again (no key
+    without an expiry left behind)."""
+    policy.rule("tenant", "requests", 1)
+    policy.rule("user", "tokens", 1000)
+    policy.publish()
+    assert check(policy.alice, "u1", tokens=100).allowed
+    counted_before = store.counted()
+
+    denied = check(policy.alice, "u2", tokens=100)
+
+    assert not denied.allowed
+    assert (denied.denied_by.scope, denied.denied_by.metric) == ("tenant", "requests")
+    assert state(denied, "user", "tokens").remaining == 1000
+    assert store.counted() == counted_before  # u2's sum among them, had it stayed
+    assert remaining(policy.alice, "user", "tokens", user="u2") == 1000
+    assert remaining(policy.alice, "user", "tokens", user="u1") == 900
+
+
 @pytest.mark.parametrize("denier", DENIERS, ids="-".join)
 def test_a_denied_check_leaves_room_for_a_check_that_fits(policy, denier):
     """The denied check took nothing: a check that fits only in what the first one left is
@@ -425,6 +445,36 @@ def test_a_repeated_request_id_returns_the_first_decision_and_consumes_nothing(
     assert again == replace(first, repeated=True)
     assert store.counted() == counted
     assert remaining(policy.alice, "user_model", "requests") == 4
+    assert remaining(policy.alice, "user", "tokens") == 900
+
+
+def test_a_decision_holds_every_field_of_its_class(policy):
+    """The engine makes its decisions without Decision's __init__ (one call a field): each
+    still holds every field, and equals the one __init__ makes."""
+    policy.rule("user_model", "requests", 5)
+    policy.publish()
+    decision = check(policy.alice)
+    assert vars(decision).keys() == {field.name for field in fields(Decision)}
+    assert decision == Decision(**vars(decision))
+    assert replace(decision, repeated=True).repeated
+
+
+def test_a_request_id_the_engine_made_is_recorded_and_answers_its_repeats(policy, store, clock):
+    """A check without a request id gets one of 128 random bits, and no record is read for
+    it (none can exist); its decision is recorded all the same, so a caller that repeats it
+    is answered from there."""
+    policy.rule("user_model", "requests", 5)
+    policy.rule("user", "tokens", 1000)
+    policy.publish()
+    first = check(policy.alice, tokens=100)
+    counted = store.counted()
+    clock.advance(5)
+
+    again = check(policy.alice, tokens=300, request_id=first.request_id)
+
+    assert len(first.request_id) == 32 and first.allowed and not first.repeated
+    assert again == replace(first, repeated=True)
+    assert store.counted() == counted
     assert remaining(policy.alice, "user", "tokens") == 900
 
 
