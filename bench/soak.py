@@ -1026,6 +1026,39 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def hot_effect_spread(seed: int, others: list[Answer], origin: float) -> str:
+    """The others' loud/silent ratio at other percentiles, and how far the p99 ratio moves
+    when the slice pairs are drawn again with replacement (1,000 times): one run's p99 rests
+    on its slowest hundredth, and a few slow moments weigh on it."""
+    pairs: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for answer in others:
+        index = int((answer.sent - origin) // HOT_SLICE)
+        pairs[index // 2][0 if hot_slice_loud(seed, index) else 1].append(answer.latency)
+    loud = [latency for pair in pairs.values() for latency in pair[0]]
+    silent = [latency for pair in pairs.values() for latency in pair[1]]
+    if not loud or not silent:
+        return "no checks of the others in the hot phase"
+    ladder = ", ".join(
+        f"p{round(q * 100)} {percentile(loud, q) / percentile(silent, q):.2f}"
+        for q in (0.5, 0.9, 0.95, 0.99)
+    )
+    rng = random.Random(seed)
+    keys = sorted(pairs)
+    ratios = []
+    for _ in range(1000):
+        drawn = rng.choices(keys, k=len(keys))
+        drawn_loud = [latency for key in drawn for latency in pairs[key][0]]
+        drawn_silent = [latency for key in drawn for latency in pairs[key][1]]
+        if drawn_loud and drawn_silent:
+            ratios.append(percentile(drawn_loud, 0.99) / percentile(drawn_silent, 0.99))
+    ratios.sort()
+    low, high = ratios[len(ratios) // 20], ratios[len(ratios) - 1 - len(ratios) // 20]
+    return (
+        f"loud/silent by percentile: {ladder}; p99 ratio with the {len(keys)} slice pairs "
+        f"drawn again (1,000 times): 90% between {low:.2f} and {high:.2f}"
+    )
+
+
 def _overlaps(start: float, end: float, spans: Iterable[tuple[float, float]]) -> bool:
     return any(start <= span_end and end >= span_start for span_start, span_end in spans)
 
@@ -1371,6 +1404,7 @@ def report(
         f"whole steady phase ({percentile(others_steady, 0.99) * 1000:.1f} ms): "
         f"{ratio_steady:.2f}"
     )
+    print(f"    {hot_effect_spread(soak.arguments.seed, others_hot, record.hot_origin)}")
 
     # 3. Degraded decisions.
     rows = []
