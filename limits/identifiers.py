@@ -15,7 +15,7 @@ import unicodedata
 MAX_IDENTIFIER_LENGTH = 200
 
 _SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?$")
-_MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._:/@+-]*$")
+MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._:/@+-]*$")  # a folded model id
 
 
 class InvalidIdentifier(ValueError):
@@ -44,7 +44,7 @@ def normalize_user_id(value: str) -> str:
 def normalize_model_id(value: str) -> str:
     folded = _fold(value).casefold()
     _check_printable(folded)
-    if not _MODEL_ID.match(folded):
+    if not MODEL_ID.match(folded):
         raise InvalidIdentifier(
             "may contain only letters, digits and . _ : / @ + -, starting with a letter or digit"
         )

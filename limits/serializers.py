@@ -9,7 +9,13 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
-from limits.identifiers import InvalidIdentifier, normalize_model_id, normalize_user_id
+from limits.identifiers import (
+    MAX_IDENTIFIER_LENGTH,
+    MODEL_ID,
+    InvalidIdentifier,
+    normalize_model_id,
+    normalize_user_id,
+)
 
 MAX_TOKENS = 10_000_000
 # What the OpenAPI document says of an id: not empty, and no control characters. The server
@@ -50,7 +56,7 @@ class IdentifierField(serializers.CharField):
 
     def __init__(self, normalize: Any, **kwargs: Any) -> None:
         self.normalize = normalize
-        kwargs.setdefault("max_length", 200)
+        kwargs.setdefault("max_length", MAX_IDENTIFIER_LENGTH)
         kwargs.setdefault("trim_whitespace", False)
         super().__init__(**kwargs)
 
@@ -100,8 +106,7 @@ class InputSerializer(serializers.Serializer):
 # field of such a body passes CheckRequestSerializer unchanged (NFKC, trimming and case
 # folding leave these characters as they are), so it is taken as it is; anything else,
 # including whatever would be refused, goes through the serializer.
-_PLAIN_ID = re.compile(r"[!-~](?:[ -~]{0,198}[!-~])?")
-_PLAIN_MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._:/@+-]{0,199}")
+_PLAIN_ID = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 _CHECK_FIELDS = frozenset({"user_id", "model", "tokens", "request_id", "dry_run"})
 
 
@@ -118,14 +123,20 @@ def plain_check_body(data: Any) -> dict[str, Any] | None:
         or type(tokens) is not int
         or type(dry_run) is not bool
         or not 0 <= tokens <= MAX_TOKENS
+        or len(user_id) > MAX_IDENTIFIER_LENGTH
+        or len(model) > MAX_IDENTIFIER_LENGTH
         or not _PLAIN_ID.fullmatch(user_id)
-        or not _PLAIN_MODEL_ID.fullmatch(model)
+        or not MODEL_ID.fullmatch(model)
     ):
         return None
     valid: dict[str, Any] = {"user_id": user_id, "model": model, "tokens": tokens}
     if "request_id" in data:
         request_id = data["request_id"]
-        if type(request_id) is not str or not _PLAIN_ID.fullmatch(request_id):
+        if (
+            type(request_id) is not str
+            or len(request_id) > MAX_IDENTIFIER_LENGTH
+            or not _PLAIN_ID.fullmatch(request_id)
+        ):
             return None
         valid["request_id"] = request_id
     valid["dry_run"] = dry_run

@@ -3,7 +3,7 @@
 gunicorn builds every access line from a dictionary of every request header, response
 header and environ variable (some sixty entries for a check), then copies it once more to
 escape quotes, whatever the format asks for. The default format asks for nine of them.
-This logger writes the same line from those nine fields only: 11 µs a line against 30 µs
+This logger writes the same line from those nine fields only: 14 µs a line against 29 µs
 (docs/operations.md, "Access log"), on every request. Any other ``access_log_format`` goes
 through gunicorn's own code.
 """
@@ -18,12 +18,6 @@ from gunicorn.config import AccessLogFormat
 from gunicorn.glogging import Logger
 
 DEFAULT_FORMAT: str = AccessLogFormat.default
-
-
-def _escaped(value: Any) -> Any:
-    # What gunicorn's SafeAtoms does to every text field: a quote in a user agent or a
-    # referer must not end the quoted field early.
-    return value.replace('"', '\\"') if isinstance(value, str) else value
 
 
 class AccessLogger(Logger):
@@ -43,20 +37,19 @@ class AccessLogger(Logger):
             status = status.split(None, 1)[0]
         sent = getattr(resp, "sent", None)
         atoms = {
-            "h": _escaped(environ.get("REMOTE_ADDR", "-")),
+            "h": environ.get("REMOTE_ADDR", "-"),
             "l": "-",
-            "u": _escaped(self._get_user(environ) or "-"),
+            "u": self._get_user(environ) or "-",
             "t": self.now(),
-            "r": _escaped(
-                f"{environ['REQUEST_METHOD']} {environ['RAW_URI']} {environ['SERVER_PROTOCOL']}"
-            ),
-            "s": _escaped(status),
+            "r": f"{environ['REQUEST_METHOD']} {environ['RAW_URI']} {environ['SERVER_PROTOCOL']}",
+            "s": status,
             "b": (sent is not None and str(sent)) or "-",
-            "f": _escaped(environ.get("HTTP_REFERER", "-")),
-            "a": _escaped(environ.get("HTTP_USER_AGENT", "-")),
+            "f": environ.get("HTTP_REFERER", "-"),
+            "a": environ.get("HTTP_USER_AGENT", "-"),
         }
         try:
-            self.access_log.info(DEFAULT_FORMAT, atoms)
+            # gunicorn's own wrapper escapes the quotes, as for its own lines.
+            self.access_log.info(DEFAULT_FORMAT, self.atoms_wrapper_class(atoms))
         except Exception:  # noqa: BLE001 - as gunicorn: a bad line never fails a request
             self.error(traceback.format_exc())
 

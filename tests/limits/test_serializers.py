@@ -53,6 +53,8 @@ NOT_PLAIN = [
     {"user_id": "u1", "model": "a" * 201},
     {"user_id": "u1", "model": "-gpt"},
     {"user_id": "u1", "model": "gpt 4o"},
+    {"user_id": "u1", "model": "gpt-4o\n"},  # "$" would match before a final line break
+    {"user_id": "u1\n", "model": "gpt-4o"},
     {"user_id": "u1", "model": "gpt-4o", "tokens": True},
     {"user_id": "u1", "model": "gpt-4o", "tokens": 1.0},
     {"user_id": "u1", "model": "gpt-4o", "tokens": "5"},
