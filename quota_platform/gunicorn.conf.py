@@ -67,7 +67,9 @@ wsgi_app = "quota_platform.wsgi:application"
 bind = [f"127.0.0.1:{_port}"]
 if os.environ.get("REDIS_URL"):
     workers = _workers
-    worker_class = "sync"
+    # gunicorn's sync worker, woken alone for a new connection instead of all of them
+    # together (quota_platform/gunicorn_worker.py).
+    worker_class = "quota_platform.gunicorn_worker.ExclusiveAcceptWorker"
 else:
     # The embedded default counts in this process: one process, many threads, so every
     # request sees the same counters and the policy this process published.
