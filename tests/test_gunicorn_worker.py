@@ -18,12 +18,12 @@ import pytest
 from tests.processes import REPOSITORY, free_port
 
 WORKER = "quota_platform.gunicorn_worker.ExclusiveAcceptWorker"
-APP = '''
+APP = """
 def application(environ, start_response):
     body = environ["SERVER_PORT"].encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
-'''
+"""
 
 
 class Server:
