@@ -124,10 +124,10 @@ def test_idle_workers_sleep_through_a_connection_another_takes(tmp_path, servers
     servers.append(stock)
     theirs = switches_per_request(stock)
 
-    # Gunicorn's own wakes the three idle workers too (about 5.7 a request here); woken
-    # alone, a worker sleeps once waiting for the connection, at most once more for its
-    # bytes.
-    assert ours < 3.0, (ours, theirs)
+    # Gunicorn's own wakes the three idle workers too (about 5.7 a request here). Woken
+    # alone, the worker that serves sleeps waiting for the connection, and may sleep again
+    # for the request's bytes and for the client to close (about 2.0 here).
+    assert ours < 3.5, (ours, theirs)
     assert theirs > ours + 1.5, (ours, theirs)
 
 
