@@ -115,6 +115,11 @@ class CheckCall(NamedTuple):
     new_id: bool = False
 
     @property
+    def script_mode(self) -> str:
+        """The mode as check.lua takes it (ARGV[3])."""
+        return "new" if self.new_id else self.mode
+
+    @property
     def record_key(self) -> str:
         return self.keys[0]
 
@@ -433,7 +438,7 @@ class RedisBackend:
             args = [
                 _clock_arg(),
                 call.member,
-                "new" if call.new_id else call.mode,
+                call.script_mode,
                 call.record_ttl_ms,
                 call.event,
                 call.denied_label,
@@ -592,7 +597,7 @@ def _check_args(
     return [
         _clock_arg() if clock is None else clock,
         call.member,
-        "new" if call.new_id else call.mode,
+        call.script_mode,
         call.record_ttl_ms,
         call.event,
         call.denied_label,
