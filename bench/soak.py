@@ -766,6 +766,7 @@ class Record:
     # ... until here, when its clients stop sending (and then decode and log their answers)
     hot_until: float = 0.0
     deaths: list[tuple[float, int | None]] = field(default_factory=list)  # not the soak's doing
+    death_logs: list[str] = field(default_factory=list)  # the worker log's end at each death
     notes: list[str] = field(default_factory=list)
 
 
@@ -835,6 +836,7 @@ class Soak:
         if self.worker_exited_at is None:
             self.worker_exited_at = now
             self.record.deaths.append((now, process.returncode))
+            self.record.death_logs.append(_log_tail(self.worker.log_path, 25))
             print(
                 f"  the Celery worker exited by itself (status {process.returncode}); starting "
                 f"it again in {WORKER_RESTART_DELAY:g} s, as scripts/run does",
@@ -940,6 +942,14 @@ class Soak:
             process.join(timeout=seconds + 30)
         self.record.hot = (began, time.time())
         self.set_phase(STEADY)
+
+
+def _log_tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"(no log: {error})"
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _metrics(port: int) -> str:
@@ -2056,12 +2066,14 @@ def main() -> None:
         print(f"\nsoak: traffic and faults done after {(time.time() - start) / 60:.1f} min")
         for note in soak.record.notes:
             print(f"  note: {note}")
-        for moment, status in soak.record.deaths:
+        for (moment, status), tail in zip(soak.record.deaths, soak.record.death_logs, strict=True):
             print(
                 f"  note: the Celery worker exited by itself at {_clock(moment)} "
                 f"(status {status}, {moment - start:.0f} s in); started again "
-                f"{WORKER_RESTART_DELAY:g} s later, as scripts/run does"
+                f"{WORKER_RESTART_DELAY:g} s later, as scripts/run does; the last lines "
+                "of its log:"
             )
+            print("    " + tail.replace("\n", "\n    "))
         succeeded = report(soak, answers, drained, deferred_wait)
         service_errors(soak)
     except KeyboardInterrupt as stop:
