@@ -1488,7 +1488,11 @@ def report(
 
     others_steady = [a.latency for a in checks if a.phase == STEADY and a.tenant != HOT_TENANT]
     others_hot = [
-        a for a in checks if a.phase == HOT and a.tenant != HOT_TENANT and a.sent < record.hot_until
+        a
+        for a in checks
+        if a.phase == HOT
+        and a.tenant != HOT_TENANT
+        and record.hot_origin <= a.sent < record.hot_until
     ]
     others_loud = [a.latency for a in others_hot if is_loud(a)]
     others_silent = [a.latency for a in others_hot if not is_loud(a)]
