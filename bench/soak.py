@@ -514,12 +514,12 @@ class _Connection:
 
 
 class _RawConnection:
-    """The hot tenant's client: one request per connection on a plain socket, its answer kept
-    as bytes and decoded after the phase (``decode_raw``). On a real deployment the hot
-    tenant's clients run on machines of their own; here they share the platform's two
-    cores, so the less they do per request the less of their own work is counted against
-    the platform: http.client and the JSON of each answer cost about 0.8 ms a request,
-    this about a fifth of that."""
+    """The hot tenant's client: one request per connection on a plain socket, its answer
+    returned as bytes (run_client decodes a denial's after the phase). On a real deployment
+    the hot tenant's clients run on machines of their own; here they share the platform's
+    two cores, so the less they do per request the less of their own work is counted
+    against the platform: http.client and the JSON of each answer cost about 0.8 ms a
+    request, this about half of that, most of it the kernel's work for the connection."""
 
     def __init__(self, port: int) -> None:
         self.address = ("127.0.0.1", port)
