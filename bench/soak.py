@@ -519,7 +519,7 @@ class _RawConnection:
     the hot tenant's clients run on machines of their own; here they share the platform's
     two cores, so the less they do per request the less of their own work is counted
     against the platform: http.client and the JSON of each answer cost about 0.8 ms a
-    request, this about half of that, most of it the kernel's work for the connection."""
+    request, this about half of that (the kernel's work for each connection included)."""
 
     def __init__(self, port: int) -> None:
         self.address = ("127.0.0.1", port)
