@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak.py [--minutes 10] [--tenants 50] [--workers 4]
                                    [--clients 4] [--rate 60] [--publishes 20] [--seed N]
                                    [--no-aof] [--over-limit-cache SECONDS]
-                                   [--keep-logs DIR]
+                                   [--hot-nice N] [--worker-nice N] [--keep-logs DIR]
 
 One command, bounded in time, loopback only, in a world of its own: a redis-server of its
 own on a free port, run as docs/operations.md says to run it when billing must survive a
@@ -73,6 +73,7 @@ import time  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlencode, urlsplit, urlunsplit  # noqa: E402
@@ -272,15 +273,33 @@ class Database:
             self.created = False
 
 
+def _lower_priority(nice: int) -> Any:
+    """For a child in a session of its own: its niceness, and its session's scheduling group's
+    (where the kernel groups CPU time by session, a niceness alone orders only the processes
+    of one session)."""
+
+    def lower() -> None:
+        os.nice(nice)
+        try:
+            Path("/proc/self/autogroup").write_text(str(nice))
+        except OSError:
+            pass  # no autogroup scheduling here: the niceness is all there is
+
+    return lower
+
+
 class Service:
     """A long-running process of the soak's own, in a process group of its own, so that
     the terminal's Ctrl-C reaches only the soak, which then stops it."""
 
-    def __init__(self, name: str, command: list[str], environ: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, name: str, command: list[str], environ: dict[str, str], log: Path, *, nice: int = 0
+    ) -> None:
         self.name = name
         self.command = command
         self.environ = environ
         self.log_path = log
+        self.nice = nice
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -300,6 +319,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_lower_priority(self.nice) if self.nice else None,
             )
 
     def stop(self, *, timeout: float = 30.0) -> None:
@@ -1128,6 +1148,57 @@ def hot_client_cpu(directory: Path) -> str:
     return f"its clients' own CPU {seconds / checks * 1e6:,.0f} µs a check"
 
 
+TASK_DONE = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/ForkPoolWorker-\d+\] "
+    r"Task ([\w.]+)\[[^\]]*\] succeeded in ([\d.e-]+)s"
+)
+
+
+def slow_beside_tasks(checks: list[Answer], worker_log: Path) -> str:
+    """How many of the slowest hundredth of ``checks`` were in flight while the Celery
+    worker ran a task (from the worker's log: each task's end and its run time), against
+    the share of all checks that were: the platform's own background work in the tail."""
+    spans = []
+    try:
+        lines = worker_log.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        found = TASK_DONE.match(line)
+        if found:
+            # Celery's log writes local time, which astimezone() assumes of a naive datetime.
+            end = datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
+            spans.append((end - float(found[3]), end, found[2].rsplit(".", 1)[-1]))
+    if not spans or len(checks) < 100:
+        return "checks beside the Celery worker's tasks: not known"
+    spans.sort()
+    starts = [span[0] for span in spans]
+    longest = max(span[1] - span[0] for span in spans)
+
+    def tasks_beside(answer: Answer) -> set[str]:
+        end = answer.sent + answer.latency
+        first = bisect.bisect_left(starts, answer.sent - longest)
+        last = bisect.bisect_left(starts, end)
+        return {name for start, stop, name in spans[first:last] if stop > answer.sent}
+
+    threshold = percentile([a.latency for a in checks], 0.99)
+    slow = [a for a in checks if a.latency > threshold]
+    names: Counter[str] = Counter()
+    beside = 0
+    for answer in slow:
+        found_names = tasks_beside(answer)
+        beside += bool(found_names)
+        names.update(found_names)
+    everyone = sum(1 for a in checks if tasks_beside(a)) / len(checks)
+    busiest = ", ".join(f"{name} {count}" for name, count in names.most_common(3))
+    return (
+        f"the others' slowest hundredth (steady and hot phases, over "
+        f"{threshold * 1000:.1f} ms): {beside} of {len(slow)} ({beside / len(slow):.0%}) in "
+        f"flight while the Celery worker ran a task ({busiest}), against {everyone:.0%} of all "
+        f"their checks"
+    )
+
+
 def hot_effect_spread(seed: int, others: list[Answer], origin: float) -> str:
     """The others' loud/silent ratio at other percentiles, and how far the p99 ratio moves
     when the slice pairs are drawn again with replacement (1,000 times): one run's p99 rests
@@ -1514,6 +1585,10 @@ def report(
         f"{ratio_steady:.2f}"
     )
     print(f"    {hot_effect_spread(soak.arguments.seed, others_hot, record.hot_origin)}")
+    others = [
+        a for a in checks if a.phase in (STEADY, HOT) and a.tenant != HOT_TENANT and a.status == 200
+    ]
+    print(f"  {slow_beside_tasks(others, soak.worker.log_path)}")
 
     # 3. Degraded decisions.
     rows = []
@@ -1903,6 +1978,13 @@ def main() -> None:
         metavar="N",
         help="niceness of the hot tenant's client processes (0: as the others')",
     )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="niceness of the Celery worker (its session's scheduling group too)",
+    )
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
     arguments = parser.parse_args()
     if arguments.seed is None:
@@ -1997,6 +2079,7 @@ def main() -> None:
         ],
         environ,
         directory / "celery.log",
+        nice=arguments.worker_nice,
     )
     soak: Soak | None = None
     succeeded = interrupted = False
