@@ -1981,9 +1981,9 @@ def main() -> None:
     parser.add_argument(
         "--worker-nice",
         type=int,
-        default=0,
+        default=10,
         metavar="N",
-        help="niceness of the Celery worker (its session's scheduling group too)",
+        help="niceness of the Celery worker, as scripts/run gives it (its session's group too)",
     )
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
     arguments = parser.parse_args()
@@ -2003,7 +2003,8 @@ def main() -> None:
     print(
         f"bench/soak.py: seed {arguments.seed}; {arguments.minutes:g} min of traffic, "
         f"{arguments.tenants} tenants, gunicorn {arguments.workers} sync workers, "
-        f"{arguments.clients} client processes at {arguments.rate:g} checks/s; "
+        f"{arguments.clients} client processes at {arguments.rate:g} checks/s, Celery worker at "
+        f"nice {arguments.worker_nice}; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; over-limit cache "
         + (f"{arguments.over_limit_cache:g} s" if arguments.over_limit_cache > 0 else "off")
     )

@@ -236,6 +236,9 @@ def test_the_run_command_starts_the_celery_worker_again_when_it_dies(tmp_path):
         wait_for("the admin login page", admin_up)
         first = wait_for("a Celery worker", lambda: _worker_pids(process.pid))
         assert len(first) == 1
+        # Below the web's priority (ours is the web's: both inherit it from the script).
+        expected_nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        assert os.getpriority(os.PRIO_PROCESS, next(iter(first))) == expected_nice
 
         # The worker and its pool, as when it dies by itself: no orphaned pool process.
         worker = next(iter(first))
