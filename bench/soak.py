@@ -785,8 +785,8 @@ class Record:
     hot_origin: float = 0.0  # the hot tenant's slices are counted from here
     # ... until here, when its clients stop sending (and then decode and log their answers)
     hot_until: float = 0.0
-    deaths: list[tuple[float, int | None]] = field(default_factory=list)  # not the soak's doing
-    death_logs: list[str] = field(default_factory=list)  # the worker log's end at each death
+    # The worker's exits that were not the soak's doing: (when, status, its log's last lines)
+    deaths: list[tuple[float, int | None, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -855,8 +855,9 @@ class Soak:
         now = time.time()
         if self.worker_exited_at is None:
             self.worker_exited_at = now
-            self.record.deaths.append((now, process.returncode))
-            self.record.death_logs.append(_log_tail(self.worker.log_path, 25))
+            self.record.deaths.append(
+                (now, process.returncode, _log_tail(self.worker.log_path, 25))
+            )
             print(
                 f"  the Celery worker exited by itself (status {process.returncode}); starting "
                 f"it again in {WORKER_RESTART_DELAY:g} s, as scripts/run does",
@@ -2154,7 +2155,7 @@ def main() -> None:
         print(f"\nsoak: traffic and faults done after {(time.time() - start) / 60:.1f} min")
         for note in soak.record.notes:
             print(f"  note: {note}")
-        for (moment, status), tail in zip(soak.record.deaths, soak.record.death_logs, strict=True):
+        for moment, status, tail in soak.record.deaths:
             print(
                 f"  note: the Celery worker exited by itself at {_clock(moment)} "
                 f"(status {status}, {moment - start:.0f} s in); started again "
