@@ -262,13 +262,16 @@ def speed_process(contender: Contender, prefix: str, url: str, blocks: Any, out:
         out.put({"ready": True})
         spent: list[int] = []
         admitted = 0
+        cpu = 0  # this process's CPU over the blocks, its kernel time (the socket) included
         clock = time.perf_counter_ns
         while (size := blocks.get(timeout=STEP_SECONDS)) is not None:
+            cpu -= time.process_time_ns()
             for _ in range(size):
                 user = f"user-{len(spent) // USES_PER_USER}"
                 before = clock()
                 admitted += attempt(user, tokens, HOUR)
                 spent.append(clock() - before)
+            cpu += time.process_time_ns()
             out.put({"block": size})
         total = sum(spent) / 1e9
         spent.sort()
@@ -279,6 +282,7 @@ def speed_process(contender: Contender, prefix: str, url: str, blocks: Any, out:
                 "p50": _percentile(spent, 0.50),
                 "p99": _percentile(spent, 0.99),
                 "admitted": admitted,
+                "client_cpu": cpu / 1000 / len(spent),
             }
         )
     except Exception:
@@ -518,20 +522,34 @@ class Bench:
             blocks.append(block_queue)
             outs.append(out)
         size = max(1, iterations // rounds)
+        # Redis's CPU during each contender's blocks: one contender runs at a time.
+        redis_cpu = [0.0] * len(contenders)
         try:
             for out in outs:
                 self._expect(out)
             for _ in range(rounds):
-                for block_queue, out in zip(blocks, outs, strict=True):
+                for index, (block_queue, out) in enumerate(zip(blocks, outs, strict=True)):
+                    redis_cpu[index] -= self._redis_cpu()
                     block_queue.put(size)
                     self._expect(out)
+                    redis_cpu[index] += self._redis_cpu()
             results = {}
-            for contender, block_queue, out in zip(contenders, blocks, outs, strict=True):
+            for index, (contender, block_queue, out) in enumerate(
+                zip(contenders, blocks, outs, strict=True)
+            ):
                 block_queue.put(None)
                 results[contender.name] = self._expect(out)
+                results[contender.name]["redis_cpu"] = (
+                    redis_cpu[index] * 1e6 / results[contender.name]["checks"]
+                )
         finally:
             self._stop(processes)
         return results
+
+    def _redis_cpu(self) -> float:
+        """Seconds of CPU the Redis server has used since it started."""
+        found = self.client.info("cpu")
+        return float(found["used_cpu_user"]) + float(found["used_cpu_sys"])
 
     @staticmethod
     def _expect(out: Any) -> dict[str, Any]:
@@ -667,10 +685,18 @@ def report(options: argparse.Namespace, results: dict[str, Any]) -> None:
             f"{result['p99']:.0f}",
             f"{result['checks_per_second'] / base:.2f}x",
             f"{result['admitted']}/{result['checks']}",
+            f"{result['client_cpu']:.0f}",
+            f"{result['redis_cpu']:.0f}",
         ]
         for name, result in speed.items()
     ]
-    print(table(["contender", "checks/s", "p50 µs", "p99 µs", "vs moving", "admitted"], rows))
+    headers = ["contender", "checks/s", "p50 µs", "p99 µs", "vs moving", "admitted"]
+    print(table([*headers, "client CPU µs", "Redis CPU µs"], rows))
+    print(
+        "CPU per check, waiting left out: the contender's process (its socket's kernel work "
+        "included) and the Redis server (reading, running and answering the call) during its "
+        "turns"
+    )
 
     print(
         f"\nWhere a check's time goes (µs, quickest of {SPLIT_TURNS} turns of {SPLIT_BLOCK}): "
