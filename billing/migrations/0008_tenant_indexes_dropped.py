@@ -8,6 +8,26 @@ migrating back builds them again."""
 import django.db.models.deletion
 from django.db import migrations, models
 
+TABLES = [
+    "dailyrollup",
+    "hourlyrollup",
+    "pendingcommit",
+    "statement",
+    "statementadjustment",
+    "usageevent",
+]
+
+
+def _tenant_without_index() -> models.ForeignKey:
+    # A field of its own for each model: a migration's state binds it to its model.
+    return models.ForeignKey(
+        db_constraint=False,
+        db_index=False,
+        on_delete=django.db.models.deletion.DO_NOTHING,
+        related_name="+",
+        to="limits.tenant",
+    )
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -16,70 +36,6 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.AlterField(
-            model_name="dailyrollup",
-            name="tenant",
-            field=models.ForeignKey(
-                db_constraint=False,
-                db_index=False,
-                on_delete=django.db.models.deletion.DO_NOTHING,
-                related_name="+",
-                to="limits.tenant",
-            ),
-        ),
-        migrations.AlterField(
-            model_name="hourlyrollup",
-            name="tenant",
-            field=models.ForeignKey(
-                db_constraint=False,
-                db_index=False,
-                on_delete=django.db.models.deletion.DO_NOTHING,
-                related_name="+",
-                to="limits.tenant",
-            ),
-        ),
-        migrations.AlterField(
-            model_name="pendingcommit",
-            name="tenant",
-            field=models.ForeignKey(
-                db_constraint=False,
-                db_index=False,
-                on_delete=django.db.models.deletion.DO_NOTHING,
-                related_name="+",
-                to="limits.tenant",
-            ),
-        ),
-        migrations.AlterField(
-            model_name="statement",
-            name="tenant",
-            field=models.ForeignKey(
-                db_constraint=False,
-                db_index=False,
-                on_delete=django.db.models.deletion.DO_NOTHING,
-                related_name="+",
-                to="limits.tenant",
-            ),
-        ),
-        migrations.AlterField(
-            model_name="statementadjustment",
-            name="tenant",
-            field=models.ForeignKey(
-                db_constraint=False,
-                db_index=False,
-                on_delete=django.db.models.deletion.DO_NOTHING,
-                related_name="+",
-                to="limits.tenant",
-            ),
-        ),
-        migrations.AlterField(
-            model_name="usageevent",
-            name="tenant",
-            field=models.ForeignKey(
-                db_constraint=False,
-                db_index=False,
-                on_delete=django.db.models.deletion.DO_NOTHING,
-                related_name="+",
-                to="limits.tenant",
-            ),
-        ),
+        migrations.AlterField(model_name=table, name="tenant", field=_tenant_without_index())
+        for table in TABLES
     ]
