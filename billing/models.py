@@ -18,12 +18,11 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from limits.models import Budget, BudgetPeriod, Tenant
+from limits.models import PRICE_DIGITS, Budget, BudgetPeriod, DecimalDigits, Tenant
 
 ZERO = Decimal("0")
-PRICE_DIGITS = {"max_digits": 14, "decimal_places": 6}
 # Up to 10^15 in the currency, exact to 10^-9.
-COST_DIGITS = {"max_digits": 24, "decimal_places": 9}
+COST_DIGITS: DecimalDigits = {"max_digits": 24, "decimal_places": 9}
 NO_PRICE = 0  # price_id of a rollup row that only counts denied checks
 
 

@@ -7,7 +7,7 @@ constraints; plain-word validation for forms and policy files lives in ``clean()
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -19,8 +19,17 @@ from django.db.models.functions import Coalesce
 from limits.identifiers import InvalidIdentifier, normalize_model_id, normalize_slug
 
 ZERO = Decimal("0")
-PRICE_DIGITS = {"max_digits": 14, "decimal_places": 6}
-MONEY_DIGITS = {"max_digits": 16, "decimal_places": 4}
+
+
+class DecimalDigits(TypedDict):
+    """A ``DecimalField``'s precision, shared by the fields that hold one kind of amount."""
+
+    max_digits: int
+    decimal_places: int
+
+
+PRICE_DIGITS: DecimalDigits = {"max_digits": 14, "decimal_places": 6}
+MONEY_DIGITS: DecimalDigits = {"max_digits": 16, "decimal_places": 4}
 
 
 class FailMode(models.TextChoices):
