@@ -519,10 +519,7 @@ class _Connection:
             status = response.status
             if response.will_close:
                 self.close()
-            try:
-                answer = json.loads(raw) if raw else None
-            except ValueError:
-                answer = None
+            answer = _decoded(raw)
         except (OSError, http.client.HTTPException):
             self.close()
         return sent, time.perf_counter() - began, status, answer
@@ -570,13 +567,16 @@ class _RawConnection:
         return sent, latency, status, payload
 
 
-def _raw_answer(status: int, payload: bytes) -> dict[str, Any] | None:
-    if status != 200 or not payload:
-        return None
+def _decoded(raw: bytes) -> Any:
+    """An answer's JSON; None when it has none (empty, or not JSON)."""
     try:
-        return json.loads(payload)
+        return json.loads(raw) if raw else None
     except ValueError:
         return None
+
+
+def _raw_answer(status: int, payload: bytes) -> dict[str, Any] | None:
+    return _decoded(payload) if status == 200 else None
 
 
 def _limits_text(answer: dict[str, Any]) -> str:
@@ -965,6 +965,14 @@ class Soak:
         self.set_phase(STEADY)
 
 
+def _log_lines(path: Path) -> list[str]:
+    """A log's lines; none when it cannot be read."""
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
 def _log_tail(path: Path, lines: int) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -1160,11 +1168,7 @@ def slow_beside_tasks(checks: list[Answer], worker_log: Path) -> str:
     worker ran a task (from the worker's log: each task's end and its run time), against
     the share of all checks that were: the platform's own background work in the tail."""
     spans = []
-    try:
-        lines = worker_log.read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
+    for line in _log_lines(worker_log):
         found = TASK_DONE.match(line)
         if found:
             # Celery's log writes local time, which astimezone() assumes of a naive datetime.
@@ -1931,13 +1935,9 @@ def report(
 def service_errors(soak: Soak) -> None:
     """Distinct error lines of the services' logs: the evidence behind a 5xx."""
     for service in (soak.web, soak.worker):
-        try:
-            text = service.log_path.read_text(errors="replace")
-        except OSError:
-            continue
         found = Counter(
             line.strip()[:200]
-            for line in text.splitlines()
+            for line in _log_lines(service.log_path)
             if re.search(r"Error|Exception|Traceback|CRITICAL", line) and "INFO" not in line
         )
         if found:
