@@ -6,7 +6,9 @@ in-process limiter and in-process tasks. Setting them selects the real deploymen
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -155,6 +157,14 @@ CELERY_BROKER_URL = (
     env_url("CELERY_BROKER_URL", schemes=("redis", "rediss", "amqp", "amqps")) or REDIS_URL
 )
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
+_BROKER_SCHEME = urlsplit(CELERY_BROKER_URL).scheme if CELERY_BROKER_URL else ""
+if _BROKER_SCHEME in ("redis", "rediss"):
+    # kombu's Redis transport, made to survive a broker restart (see quota_platform/broker.py).
+    CELERY_BROKER_TRANSPORT = "quota_platform.broker:RedisTransport"
+    if _BROKER_SCHEME == "rediss":
+        # Named by class, the transport no longer learns TLS from the scheme: ask for it, with
+        # the certificate checked, as redis-py does for the limiter's rediss:// URL.
+        CELERY_BROKER_USE_SSL = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

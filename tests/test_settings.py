@@ -153,6 +153,37 @@ def test_the_wsgi_application_refuses_a_malformed_value_without_a_traceback(tmp_
     )
 
 
+@pytest.mark.parametrize(
+    ("broker", "transport", "use_ssl"),
+    [
+        ("redis://127.0.0.1:6379/0", "quota_platform.broker:RedisTransport", "False"),
+        (
+            "rediss://cache.example:6380/0",
+            "quota_platform.broker:RedisTransport",
+            "{'ssl_cert_reqs': <VerifyMode.CERT_REQUIRED: 2>}",
+        ),
+        ("amqp://guest@127.0.0.1:5672//", "None", "False"),
+    ],
+)
+def test_a_redis_broker_gets_the_transport_that_survives_its_restarts(
+    tmp_path, broker, transport, use_ssl
+):
+    code = (
+        "from celery import Celery; app = Celery(); "
+        "app.config_from_object('django.conf:settings', namespace='CELERY'); "
+        "print(app.conf.broker_transport); print(app.conf.broker_use_ssl)"
+    )
+    result = _run(
+        [sys.executable, "-c", f"import django; django.setup(); {code}"],
+        tmp_path,
+        DJANGO_SETTINGS_MODULE="quota_platform.settings",
+        CELERY_BROKER_URL=broker,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [transport, use_ssl]
+
+
 # The helpers
 
 
