@@ -14,7 +14,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "quota_platform.settings")
 
 MARKS_KEY = "broker-test:marks"
 
-app = Celery("broker_test")
+# Not the current app: importing this module (the tests do) must leave the platform's in place.
+app = Celery("broker_test", set_as_current=False)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # A steady flow of messages, so that some are delivered and not yet acknowledged whenever
 # the broker goes away; none of the platform's own tasks.
