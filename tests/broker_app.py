@@ -20,7 +20,6 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # A steady flow of messages, so that some are delivered and not yet acknowledged whenever
 # the broker goes away; none of the platform's own tasks.
 app.conf.beat_schedule = {"mark": {"task": "tests.broker_app.mark", "schedule": 0.3}}
-app.conf.worker_hijack_root_logger = True
 
 
 @app.task(name="tests.broker_app.mark")
