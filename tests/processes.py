@@ -33,6 +33,22 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Stop the process group a test started (``start_new_session=True``), and wait for it:
+    SIGTERM, then SIGKILL after ``timeout`` seconds. When its leader is gone already,
+    nothing it started may outlive it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=timeout)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 class RedisServer:
     """A redis-server on a free loopback port in a directory of its own, without
     persistence, that can be stopped and started again on the same port."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from kombu.common import ignore_errors
 
 from quota_platform.broker import BrokerConnectionClosed, RedisTransport
 from tests.broker_app import MARKS_KEY
-from tests.processes import REPOSITORY, RedisServer
+from tests.processes import REPOSITORY, RedisServer, stop_process_group
 
 RESTARTS = 20
 START_TIMEOUT_SECONDS = 60
@@ -113,10 +112,4 @@ def test_a_worker_outlives_restarts_of_its_redis_broker(redis_server, tmp_path):
         wait_for_marks(3)
         assert "Unrecoverable error" not in log_path.read_text()
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(timeout=10)
+        stop_process_group(worker)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.processes import stop_process_group
+
 PROJECT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 90
 STOP_TIMEOUT_SECONDS = 30
@@ -65,23 +67,6 @@ class Browser:
         )
         with self.opener.open(request, timeout=10) as response:
             return response.status, response.read().decode()
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the process group this test started, and wait for it."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-    else:
-        # The script is gone; make sure nothing it started outlives it.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow
@@ -146,7 +131,7 @@ def test_the_run_command_serves_the_admin_with_the_demo_data(tmp_path):
         assert "acme" in tenants
         assert "Log in" not in tenants
     finally:
-        _stop(process)
+        stop_process_group(process, STOP_TIMEOUT_SECONDS)
     assert process.returncode is not None
 
 
@@ -252,7 +237,7 @@ def test_the_run_command_starts_the_celery_worker_again_when_it_dies(tmp_path):
         )
         assert admin_up()  # the web server never stopped
     finally:
-        _stop(process)
+        stop_process_group(process, STOP_TIMEOUT_SECONDS)
         redis_server.stop()
         import psycopg
 
