@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from kombu import Connection
@@ -15,7 +17,7 @@ from kombu.common import ignore_errors
 
 from quota_platform.broker import BrokerConnectionClosed, RedisTransport
 from tests.broker_app import MARKS_KEY
-from tests.processes import REPOSITORY, RedisServer, stop_process_group
+from tests.processes import REPOSITORY, RedisServer, free_port, stop_process_group
 
 RESTARTS = 20
 START_TIMEOUT_SECONDS = 60
@@ -113,3 +115,158 @@ def test_a_worker_outlives_restarts_of_its_redis_broker(redis_server, tmp_path):
         assert "Unrecoverable error" not in log_path.read_text()
     finally:
         stop_process_group(worker)
+
+
+# A rediss:// broker: TLS, with the server's certificate checked
+
+
+def _openssl(*arguments: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *arguments], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def tls_redis_port(tmp_path):
+    """A redis-server that speaks only TLS, with a certificate for 127.0.0.1 signed by a CA
+    made for this test (``ca.pem`` in tmp_path), which no system trusts."""
+    if not RedisServer.available() or shutil.which("openssl") is None:
+        pytest.skip("redis-server and openssl are needed for a TLS Redis of this test's own")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=quota test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=tmp_path,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        cwd=tmp_path,
+    )
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "server.pem",
+        cwd=tmp_path,
+    )
+    port = free_port()
+    with (tmp_path / "redis.log").open("wb") as log:
+        server = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while b"Ready to accept connections" not in (tmp_path / "redis.log").read_bytes():
+            if server.poll() is not None:
+                log_tail = (tmp_path / "redis.log").read_text()[-300:]
+                pytest.skip(f"this redis-server speaks no TLS: {log_tail}")
+            assert time.monotonic() < deadline, "the TLS redis-server did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+ROUND_TRIP = """
+from kombu import Exchange, Queue
+from quota_platform.celery_app import app
+queue = Queue("tls-probe", Exchange("tls-probe"), "tls-probe")
+with app.connection_for_write() as connection:
+    connection.Producer().publish(
+        {"sent": 1}, exchange=queue.exchange, routing_key="tls-probe", declare=[queue]
+    )
+    print(queue(connection.default_channel).get(no_ack=True).payload)
+"""
+
+
+def _round_trip(broker_url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    environ = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
+    environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "quota_platform.settings",
+            "SECRET_KEY": "a-secret-for-this-test",
+            "VAR_DIR": str(tmp_path / "var"),
+            "CELERY_BROKER_URL": broker_url,
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-c", ROUND_TRIP],
+        cwd=REPOSITORY,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_rediss_broker_is_reached_over_tls_with_its_certificate_checked(tls_redis_port, tmp_path):
+    url = f"rediss://127.0.0.1:{tls_redis_port}/0"
+
+    trusted = _round_trip(f"{url}?ssl_ca_certs={tmp_path / 'ca.pem'}", tmp_path)
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.stdout.strip() == "{'sent': 1}"
+
+    # Signed by a CA nobody trusts: refused, not sent in the clear nor unchecked.
+    untrusted = _round_trip(url, tmp_path)
+    assert untrusted.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+
+    # An operator can still turn the check off in the URL, as kombu reads it.
+    unchecked = _round_trip(f"{url}?ssl_cert_reqs=none", tmp_path)
+    assert unchecked.returncode == 0, unchecked.stderr
