@@ -27,6 +27,55 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 NO_DATABASE = "postgres://postgres@127.0.0.1:1/unreachable"
 
 
+# Variables the platform's settings read: a child started by ``run_with_settings`` or given
+# ``settings_environ`` gets none of this process's values for them.
+SETTINGS_VARIABLES = {
+    "DJANGO_SETTINGS_MODULE",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "REDIS_CLUSTER",
+    "CELERY_BROKER_URL",
+    "SECRET_KEY",
+    "API_KEY_PEPPER",
+    "DEBUG",
+    "ALLOWED_HOSTS",
+    "CSRF_TRUSTED_ORIGINS",
+    "TIME_ZONE",
+    "BILLING_CURRENCY",
+    "LOG_LEVEL",
+    "VAR_DIR",
+}
+
+
+def settings_environ(var_dir: Path, **variables: str) -> dict[str, str]:
+    """This process's environment for a child that reads the platform's settings: none of
+    the variables they read (nor any ``QUOTA_*``), a VAR_DIR and a SECRET_KEY of its own,
+    then ``variables``; a variable given as "<unset>" is left out."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in SETTINGS_VARIABLES and not key.startswith("QUOTA_")
+    }
+    environ.update({"VAR_DIR": str(var_dir), "SECRET_KEY": "a-secret-for-this-test"})
+    environ.update(variables)
+    return {key: value for key, value in environ.items() if value != "<unset>"}
+
+
+def run_with_settings(
+    command: list[str], var_dir: Path, **variables: str
+) -> subprocess.CompletedProcess[str]:
+    """``command`` run to its end in the repository, with ``settings_environ``."""
+    return subprocess.run(
+        command,
+        cwd=REPOSITORY,
+        env=settings_environ(var_dir, **variables),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

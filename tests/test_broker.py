@@ -3,7 +3,6 @@ Redis broker, against a real redis-server that the tests stop and start again.""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import subprocess
@@ -17,12 +16,17 @@ from kombu.common import ignore_errors
 
 from quota_platform.broker import BrokerConnectionClosed, RedisTransport
 from tests.broker_app import MARKS_KEY
-from tests.processes import REPOSITORY, RedisServer, free_port, stop_process_group
+from tests.processes import (
+    REPOSITORY,
+    RedisServer,
+    free_port,
+    run_with_settings,
+    settings_environ,
+    stop_process_group,
+)
 
 RESTARTS = 20
 START_TIMEOUT_SECONDS = 60
-# Variables of this process that would point the worker elsewhere.
-SERVICE_VARIABLES = {"DATABASE_URL", "REDIS_URL", "REDIS_CLUSTER", "CELERY_BROKER_URL"}
 
 
 @pytest.fixture
@@ -59,15 +63,7 @@ def _marks(server: RedisServer) -> int:
 
 
 def test_a_worker_outlives_restarts_of_its_redis_broker(redis_server, tmp_path):
-    environ = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
-    environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "quota_platform.settings",
-            "SECRET_KEY": "a-secret-for-this-test",
-            "VAR_DIR": str(tmp_path / "var"),
-            "CELERY_BROKER_URL": redis_server.url,
-        }
-    )
+    environ = settings_environ(tmp_path / "var", CELERY_BROKER_URL=redis_server.url)
     log_path = tmp_path / "worker.log"
     command = [sys.executable, "-m", "celery", "-A", "tests.broker_app", "worker", "-B"]
     command += ["--loglevel=info", "--concurrency=2", "--schedule", str(tmp_path / "beat")]
@@ -235,23 +231,8 @@ with app.connection_for_write() as connection:
 
 
 def _round_trip(broker_url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    environ = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
-    environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "quota_platform.settings",
-            "SECRET_KEY": "a-secret-for-this-test",
-            "VAR_DIR": str(tmp_path / "var"),
-            "CELERY_BROKER_URL": broker_url,
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-c", ROUND_TRIP],
-        cwd=REPOSITORY,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    return run_with_settings(
+        [sys.executable, "-c", ROUND_TRIP], tmp_path / "var", CELERY_BROKER_URL=broker_url
     )
 
 

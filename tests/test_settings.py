@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,50 +18,11 @@ from quota_platform.env import (
     env_str,
     env_url,
 )
-
-PROJECT = Path(__file__).resolve().parent.parent
-
-# Variables the settings read; the child gets none of this process's values for them.
-SETTINGS_VARIABLES = {
-    "DJANGO_SETTINGS_MODULE",
-    "DATABASE_URL",
-    "REDIS_URL",
-    "REDIS_CLUSTER",
-    "CELERY_BROKER_URL",
-    "SECRET_KEY",
-    "API_KEY_PEPPER",
-    "DEBUG",
-    "ALLOWED_HOSTS",
-    "CSRF_TRUSTED_ORIGINS",
-    "TIME_ZONE",
-    "BILLING_CURRENCY",
-    "LOG_LEVEL",
-    "VAR_DIR",
-}
-
-
-def _run(command: list[str], tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in SETTINGS_VARIABLES and not key.startswith("QUOTA_")
-    }
-    environ.update({"VAR_DIR": str(tmp_path), "SECRET_KEY": "a-secret-for-this-test"})
-    environ.update(variables)
-    environ = {key: value for key, value in environ.items() if value != "<unset>"}
-    return subprocess.run(
-        command,
-        cwd=PROJECT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from tests.processes import run_with_settings
 
 
 def _check(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "manage.py", "check"], tmp_path, **variables)
+    return run_with_settings([sys.executable, "manage.py", "check"], tmp_path, **variables)
 
 
 # Start-up
@@ -144,7 +104,8 @@ def test_without_a_secret_key_debug_gets_a_development_default(tmp_path):
 
 
 def test_the_wsgi_application_refuses_a_malformed_value_without_a_traceback(tmp_path):
-    result = _run([sys.executable, "-c", "import quota_platform.wsgi"], tmp_path, DEBUG="maybe")
+    command = [sys.executable, "-c", "import quota_platform.wsgi"]
+    result = run_with_settings(command, tmp_path, DEBUG="maybe")
 
     assert result.returncode == 2
     assert result.stderr == (
@@ -173,7 +134,7 @@ def test_a_redis_broker_gets_the_transport_that_survives_its_restarts(
         "app.config_from_object('django.conf:settings', namespace='CELERY'); "
         "print(app.conf.broker_transport); print(app.conf.broker_use_ssl)"
     )
-    result = _run(
+    result = run_with_settings(
         [sys.executable, "-c", f"import django; django.setup(); {code}"],
         tmp_path,
         DJANGO_SETTINGS_MODULE="quota_platform.settings",
