@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,31 +17,13 @@ from typing import Any
 
 import pytest
 
-from tests.processes import stop_process_group
+from tests.processes import SETTINGS_VARIABLES, free_port, stop_process_group
 
 PROJECT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 90
 STOP_TIMEOUT_SECONDS = 30
-# The variables that would pull the child out of the embedded default.
-SERVICE_VARIABLES = {
-    "DJANGO_SETTINGS_MODULE",
-    "DATABASE_URL",
-    "REDIS_URL",
-    "REDIS_CLUSTER",
-    "CELERY_BROKER_URL",
-    "SECRET_KEY",
-    "API_KEY_PEPPER",
-    "DEBUG",
-    "ALLOWED_HOSTS",
-    "WEB_CONCURRENCY",
-    "GUNICORN_CMD_ARGS",
-}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# The variables that would pull the child out of the embedded default, or size its server.
+SERVICE_VARIABLES = SETTINGS_VARIABLES | {"WEB_CONCURRENCY", "GUNICORN_CMD_ARGS"}
 
 
 class Browser:
@@ -71,7 +52,7 @@ class Browser:
 
 @pytest.mark.slow
 def test_the_run_command_serves_the_admin_with_the_demo_data(tmp_path):
-    port = _free_port()
+    port = free_port()
     environ = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
     environ.update({"VAR_DIR": str(tmp_path / "var"), "PORT": str(port), "WEB_CONCURRENCY": "2"})
     log_path = tmp_path / "run.log"
@@ -175,7 +156,7 @@ def test_the_run_command_starts_the_celery_worker_again_when_it_dies(tmp_path):
     (tmp_path / "redis").mkdir()
     redis_server.start()
     database = f"quota_run_{os.getpid()}_{int(time.time())}"
-    port = _free_port()
+    port = free_port()
     environ = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
     environ.update(
         {
