@@ -70,6 +70,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -762,6 +763,41 @@ def run_client(plan: ClientPlan, phase: Any) -> None:
         Path(plan.log_path).with_suffix(".cpu").write_text(f"{counter} {time.process_time()}\n")
 
 
+def run_clients_in_session(plans: list[ClientPlan], phase: Any) -> None:
+    """The other tenants' clients, forked from a session of their own.
+
+    Where the kernel shares CPU time between sessions first (autogroup scheduling), the
+    processes of one session are charged together: the hot tenant's clients, in the soak's
+    session, would make these, which measure the platform, wait for the CPU they used. On
+    a real deployment the two run on machines of their own."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children: list[int] = []
+    for plan in plans:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                run_client(plan, phase)
+                code = 0
+            except BaseException:  # noqa: BLE001 - told, as multiprocessing would
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def stop(signum: int, frame: Any) -> None:
+        for child in children:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    for child in children:
+        os.waitpid(child, 0)
+
+
 # -- the schedule ----------------------------------------------------------------------
 @dataclass
 class Fault:
@@ -832,6 +868,7 @@ class Soak:
     phase: Any
     is_deferring: bool  # /api/v1/usage keeps reports in Postgres (202) while Redis is away
     clients: list[Any] = field(default_factory=list)
+    client_count: int = 0
     metrics: str = ""
     worker_exited_at: float | None = None
     deferred_left: set[tuple[str, str]] = field(default_factory=set)  # kept after the wait
@@ -879,9 +916,10 @@ class Soak:
         start = time.time() + 0.1
         if hot:
             self.record.hot_origin = start
-        started = []
+        plans = []
         for _ in range(count):
-            number = len(self.clients)
+            number = self.client_count
+            self.client_count += 1
             plan = ClientPlan(
                 number=number,
                 port=self.port,
@@ -896,7 +934,15 @@ class Soak:
                 nice=self.arguments.hot_nice if hot else 0,
                 run_seed=self.arguments.seed,
             )
-            process = context.Process(target=run_client, args=(plan, self.phase), daemon=True)
+            plans.append(plan)
+        if hot:
+            # In the soak's session, at --hot-nice: the platform's cores are theirs too.
+            targets = [(run_client, (plan, self.phase)) for plan in plans]
+        else:
+            targets = [(run_clients_in_session, (plans, self.phase))]
+        started = []
+        for target, args in targets:
+            process = context.Process(target=target, args=args, daemon=True)
             process.start()
             self.clients.append(process)
             started.append(process)
