@@ -1250,14 +1250,46 @@ def slow_beside_tasks(checks: list[Answer], worker_log: Path) -> str:
     )
 
 
-def hot_effect_spread(seed: int, others: list[Answer], origin: float) -> str:
+@dataclass
+class HotPhase:
+    """When a run's hot tenant sent: its slices are counted from ``origin``, and which of
+    each pair was loud follows from the run's seed (hot_slice_loud). Kept beside the logs
+    (HOT_PHASE_FILE), so that several runs' logs can be read together (--hot-report)."""
+
+    seed: int
+    origin: float
+    until: float
+
+    def is_loud(self, answer: Answer) -> bool:
+        return hot_slice_loud(self.seed, int((answer.sent - self.origin) // HOT_SLICE))
+
+    def others(self, checks: list[Answer]) -> list[Answer]:
+        """The other tenants' checks sent while the hot tenant's slices ran."""
+        return [
+            a
+            for a in checks
+            if a.kind == "check"
+            and a.phase == HOT
+            and a.tenant != HOT_TENANT
+            and self.origin <= a.sent < self.until
+        ]
+
+    def pairs(self, others: list[Answer]) -> dict[int, tuple[list[float], list[float]]]:
+        """The latencies of ``others`` by pair of slices: (in the loud one, in the silent)."""
+        pairs: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+        for answer in others:
+            index = int((answer.sent - self.origin) // HOT_SLICE)
+            pairs[index // 2][0 if hot_slice_loud(self.seed, index) else 1].append(answer.latency)
+        return pairs
+
+
+HOT_PHASE_FILE = "hot-phase.json"
+
+
+def hot_effect_spread(pairs: dict[Any, tuple[list[float], list[float]]], seed: int) -> str:
     """The others' loud/silent ratio at other percentiles, and how far the p99 ratio moves
     when the slice pairs are drawn again with replacement (1,000 times): one run's p99 rests
     on its slowest hundredth, and a few slow moments weigh on it."""
-    pairs: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    for answer in others:
-        index = int((answer.sent - origin) // HOT_SLICE)
-        pairs[index // 2][0 if hot_slice_loud(seed, index) else 1].append(answer.latency)
     loud = [latency for pair in pairs.values() for latency in pair[0]]
     silent = [latency for pair in pairs.values() for latency in pair[1]]
     if not loud or not silent:
@@ -1266,6 +1298,17 @@ def hot_effect_spread(seed: int, others: list[Answer], origin: float) -> str:
         f"p{round(q * 100)} {percentile(loud, q) / percentile(silent, q):.2f}"
         for q in (0.5, 0.9, 0.95, 0.99)
     )
+    low, high = p99_ratio_range(pairs, seed)
+    return (
+        f"loud/silent by percentile: {ladder}; p99 ratio with the {len(pairs)} slice pairs "
+        f"drawn again (1,000 times): 90% between {low:.2f} and {high:.2f}"
+    )
+
+
+def p99_ratio_range(
+    pairs: dict[Any, tuple[list[float], list[float]]], seed: int
+) -> tuple[float, float]:
+    """Where 90% of the loud/silent p99 ratios fall when the pairs are drawn again."""
     rng = random.Random(seed)
     keys = sorted(pairs)
     ratios = []
@@ -1276,11 +1319,70 @@ def hot_effect_spread(seed: int, others: list[Answer], origin: float) -> str:
         if drawn_loud and drawn_silent:
             ratios.append(percentile(drawn_loud, 0.99) / percentile(drawn_silent, 0.99))
     ratios.sort()
-    low, high = ratios[len(ratios) // 20], ratios[len(ratios) - 1 - len(ratios) // 20]
-    return (
-        f"loud/silent by percentile: {ladder}; p99 ratio with the {len(keys)} slice pairs "
-        f"drawn again (1,000 times): 90% between {low:.2f} and {high:.2f}"
+    return ratios[len(ratios) // 20], ratios[len(ratios) - 1 - len(ratios) // 20]
+
+
+def hot_report(directories: list[Path]) -> int:
+    """The hot tenant's effect over the kept logs of several runs (--keep-logs) read together:
+    each run's ratio, and the ratio of all their loud slices against all their silent ones,
+    with its range when the slice pairs of every run are drawn again. One run's p99 rests on
+    some 70 slow checks a side; several runs' on as many times more."""
+    rows = []
+    everything: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
+    seeds = []
+    for number, directory in enumerate(directories):
+        try:
+            fields = json.loads((directory / HOT_PHASE_FILE).read_text())
+            phase = HotPhase(int(fields["seed"]), float(fields["origin"]), float(fields["until"]))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(
+                f"soak: {directory} holds no readable {HOT_PHASE_FILE} (the logs of a run kept "
+                f"with --keep-logs): {error}",
+                file=sys.stderr,
+            )
+            return 2
+        pairs = phase.pairs(phase.others(read_logs(directory)))
+        loud = [latency for pair in pairs.values() for latency in pair[0]]
+        silent = [latency for pair in pairs.values() for latency in pair[1]]
+        if not loud or not silent:
+            print(f"soak: {directory}: no checks of the others in the hot phase", file=sys.stderr)
+            return 2
+        ratio = percentile(loud, 0.99) / percentile(silent, 0.99)
+        low, high = p99_ratio_range(pairs, phase.seed)
+        rows.append(
+            [
+                str(directory),
+                str(phase.seed),
+                f"{len(loud):,}",
+                f"{len(silent):,}",
+                f"{percentile(loud, 0.99) * 1000:.1f}",
+                f"{percentile(silent, 0.99) * 1000:.1f}",
+                f"{ratio:.2f}",
+                f"{low:.2f}-{high:.2f}",
+            ]
+        )
+        everything.update({(number, key): pair for key, pair in pairs.items()})
+        seeds.append(phase.seed)
+    loud = [latency for pair in everything.values() for latency in pair[0]]
+    silent = [latency for pair in everything.values() for latency in pair[1]]
+    ratio = percentile(loud, 0.99) / percentile(silent, 0.99)
+    print(
+        f"The hot tenant's effect over {len(directories)} run(s): the other tenants' checks in its "
+        "loud slices against those in its silent ones (p99, ms)"
     )
+    print(
+        table(
+            ["run's logs", "seed", "loud", "silent", "p99 loud", "p99 silent", "ratio", "90%"],
+            rows,
+        )
+    )
+    print(
+        f"all together: p99 {percentile(loud, 0.99) * 1000:.1f} ms ({len(loud):,} checks) "
+        f"against {percentile(silent, 0.99) * 1000:.1f} ms ({len(silent):,}): ratio "
+        f"{ratio:.2f} (goal <= 1.10: {'met' if ratio <= 1.10 else 'NOT met'})"
+    )
+    print(f"  {hot_effect_spread(everything, sum(seeds))}")
+    return 0
 
 
 def _overlaps(start: float, end: float, spans: Iterable[tuple[float, float]]) -> bool:
@@ -1604,20 +1706,11 @@ def report(
     # The hot tenant's effect: the others' checks sent in its loud slices against those sent
     # in its silent slices between them (the same minutes, so the same background load),
     # and, as before, against the whole steady phase (other minutes: drift included).
-    def is_loud(answer: Answer) -> bool:
-        index = int((answer.sent - record.hot_origin) // HOT_SLICE)
-        return hot_slice_loud(soak.arguments.seed, index)
-
+    hot = HotPhase(soak.arguments.seed, record.hot_origin, record.hot_until)
     others_steady = [a.latency for a in checks if a.phase == STEADY and a.tenant != HOT_TENANT]
-    others_hot = [
-        a
-        for a in checks
-        if a.phase == HOT
-        and a.tenant != HOT_TENANT
-        and record.hot_origin <= a.sent < record.hot_until
-    ]
-    others_loud = [a.latency for a in others_hot if is_loud(a)]
-    others_silent = [a.latency for a in others_hot if not is_loud(a)]
+    others_hot = hot.others(checks)
+    others_loud = [a.latency for a in others_hot if hot.is_loud(a)]
+    others_silent = [a.latency for a in others_hot if not hot.is_loud(a)]
     hot_checks = [a for a in checks if a.phase == HOT and a.tenant == HOT_TENANT]
     ratio = percentile(others_loud, 0.99) / percentile(others_silent, 0.99)
     ratio_steady = percentile(others_loud, 0.99) / percentile(others_steady, 0.99)
@@ -1635,7 +1728,7 @@ def report(
         f"whole steady phase ({percentile(others_steady, 0.99) * 1000:.1f} ms): "
         f"{ratio_steady:.2f}"
     )
-    print(f"    {hot_effect_spread(soak.arguments.seed, others_hot, record.hot_origin)}")
+    print(f"    {hot_effect_spread(hot.pairs(others_hot), soak.arguments.seed)}")
     others = [
         a for a in checks if a.phase in (STEADY, HOT) and a.tenant != HOT_TENANT and a.status == 200
     ]
@@ -2033,7 +2126,16 @@ def main() -> None:
         help="niceness of the Celery worker, as scripts/run gives it (its session's group too)",
     )
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
+    parser.add_argument(
+        "--hot-report",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="run nothing: the hot tenant's effect over the logs of earlier runs (--keep-logs)",
+    )
     arguments = parser.parse_args()
+    if arguments.hot_report:
+        sys.exit(hot_report(arguments.hot_report))
     if arguments.seed is None:
         arguments.seed = secrets.randbelow(1_000_000)
     if arguments.tenants < 2 or arguments.tenants > 100:
@@ -2198,6 +2300,13 @@ def main() -> None:
         worker.stop()
         drained = drain_all(soak)
         answers = read_logs(directory)
+        if soak.record.hot is not None:
+            hot_phase = {
+                "seed": arguments.seed,
+                "origin": soak.record.hot_origin,
+                "until": soak.record.hot_until,
+            }
+            (directory / HOT_PHASE_FILE).write_text(json.dumps(hot_phase) + "\n")
         print(f"\nsoak: traffic and faults done after {(time.time() - start) / 60:.1f} min")
         for note in soak.record.notes:
             print(f"  note: {note}")
