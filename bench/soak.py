@@ -3,7 +3,8 @@
     .venv/bin/python bench/soak.py [--minutes 10] [--tenants 50] [--workers 4]
                                    [--clients 4] [--rate 60] [--publishes 20] [--seed N]
                                    [--no-aof] [--over-limit-cache SECONDS]
-                                   [--hot-nice N] [--worker-nice N] [--keep-logs DIR]
+                                   [--hot-nice N] [--no-hot-idle] [--worker-nice N]
+                                   [--keep-logs DIR]
     .venv/bin/python bench/soak.py --hot-report DIR [DIR ...]
 
 One command, bounded in time, loopback only, in a world of its own: a redis-server of its
@@ -28,8 +29,9 @@ the seed: the other tenants' checks in the silent slices are the control for tho
 loud ones, in the same minutes. On a real deployment that tenant's clients run on machines
 of their own; here, on the same cores, their own work would count against the platform, so
 its two client processes write each request on a plain socket and decode and log their
-denials after the phase, and run at nice 19 (``--hot-nice``); the platform's work for their
-checks runs at the usual priority. The other tenants' clients, which measure the platform,
+denials after the phase, and run at nice 19 (``--hot-nice``) under the kernel's SCHED_IDLE
+policy (``--no-hot-idle``: not); the platform's work for their checks runs at the usual
+priority. The other tenants' clients, which measure the platform,
 run in a session of their own, so that where the kernel shares CPU time between sessions
 first they are not charged for the hot clients' CPU. The platform runs with its over-limit
 cache on (``--over-limit-cache``, 5 s; ``0`` turns it off). Every client logs every answer
