@@ -31,11 +31,10 @@ of their own; here, on the same cores, their own work would count against the pl
 its two client processes write each request on a plain socket and decode and log their
 denials after the phase, and run at nice 19 (``--hot-nice``) under the kernel's SCHED_IDLE
 policy (``--no-hot-idle``: not); the platform's work for their checks runs at the usual
-priority. The other tenants' clients, which measure the platform,
-run in a session of their own, so that where the kernel shares CPU time between sessions
-first they are not charged for the hot clients' CPU. The platform runs with its over-limit
-cache on (``--over-limit-cache``, 5 s; ``0`` turns it off). Every client logs every answer
-it got.
+priority. The other tenants' clients, which measure the platform, run in a session of their
+own, so that where the kernel shares CPU time between sessions first they are not charged
+for the hot clients' CPU. The platform runs with its over-limit cache on
+(``--over-limit-cache``, 5 s; ``0`` turns it off). Every client logs every answer it got.
 After the run it waits (boundedly) for the usage reports the platform deferred (answered 202
 while Redis was away) to be applied, drains what is left with ``manage.py drain_usage`` and
 prints: answers by status, check latency per phase, degraded decisions, over-admissions per
@@ -473,7 +472,7 @@ class ClientPlan:
     log_path: str
     is_hot: bool = False
     nice: int = 0  # added to the process's niceness before it sends anything
-    idle: bool = False  # run under SCHED_IDLE: any other process that wakes takes the CPU
+    idle: bool = False  # under SCHED_IDLE, the policy for work when nothing else wants the CPU
     run_seed: int = 0  # the run's seed: which slices are loud (hot_slice_loud)
 
 
@@ -607,7 +606,7 @@ def run_client(plan: ClientPlan, phase: Any) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if plan.nice:
         os.nice(plan.nice)
-    if plan.idle:
+    if plan.idle and hasattr(os, "SCHED_IDLE"):  # Linux only
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     rng = random.Random(plan.seed)
     models = list(MODELS)
@@ -950,7 +949,7 @@ class Soak:
             )
             plans.append(plan)
         if hot:
-            # In the soak's session, at --hot-nice: the platform's cores are theirs too.
+            # In the soak's session, at --hot-nice and (--hot-idle) under SCHED_IDLE.
             targets = [(run_client, (plan, self.phase)) for plan in plans]
         else:
             targets = [(run_clients_in_session, (plans, self.phase))]
