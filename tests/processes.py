@@ -82,6 +82,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def start_process_group(
+    command: list[str], log_path: Path, env: dict[str, str], cwd: Path = REPOSITORY
+) -> subprocess.Popen[bytes]:
+    """``command`` started in a session (and process group) of its own, its output going to
+    ``log_path``: ``stop_process_group`` ends it and everything it started."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     """Stop the process group a test started (``start_new_session=True``), and wait for it:
     SIGTERM, then SIGKILL after ``timeout`` seconds. When its leader is gone already,

@@ -17,11 +17,11 @@ from kombu.common import ignore_errors
 from quota_platform.broker import BrokerConnectionClosed, RedisTransport
 from tests.broker_app import MARKS_KEY
 from tests.processes import (
-    REPOSITORY,
     RedisServer,
     free_port,
     run_with_settings,
     settings_environ,
+    start_process_group,
     stop_process_group,
 )
 
@@ -67,16 +67,7 @@ def test_a_worker_outlives_restarts_of_its_redis_broker(redis_server, tmp_path):
     log_path = tmp_path / "worker.log"
     command = [sys.executable, "-m", "celery", "-A", "tests.broker_app", "worker", "-B"]
     command += ["--loglevel=info", "--concurrency=2", "--schedule", str(tmp_path / "beat")]
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            command,
-            cwd=REPOSITORY,
-            env=environ,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker = start_process_group(command, log_path, environ)
 
     def log_tail() -> str:
         return log_path.read_text(errors="replace")[-4000:]

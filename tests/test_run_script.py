@@ -17,7 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.processes import SETTINGS_VARIABLES, free_port, stop_process_group
+from tests.processes import (
+    SETTINGS_VARIABLES,
+    free_port,
+    start_process_group,
+    stop_process_group,
+)
 
 PROJECT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 90
@@ -59,16 +64,7 @@ def test_the_run_command_serves_the_admin_with_the_demo_data(tmp_path):
     base_url = f"http://127.0.0.1:{port}"
     browser = Browser(base_url)
 
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            ["scripts/run"],
-            cwd=PROJECT,
-            env=environ,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_process_group(["scripts/run"], log_path, environ, cwd=PROJECT)
     try:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         status = None
@@ -169,16 +165,7 @@ def test_the_run_command_starts_the_celery_worker_again_when_it_dies(tmp_path):
     )
     log_path = tmp_path / "run.log"
     browser = Browser(f"http://127.0.0.1:{port}")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            ["scripts/run"],
-            cwd=PROJECT,
-            env=environ,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_process_group(["scripts/run"], log_path, environ, cwd=PROJECT)
     try:
 
         def wait_for(what: str, condition: Any) -> Any:
